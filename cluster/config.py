@@ -1,0 +1,213 @@
+"""The one typed configuration, loaded from YAML and validated with errors that name the key.
+
+    model: smollm2            # embedded default, a .gguf file, or a Hugging Face directory
+    dtype: auto               # auto | float32 | bfloat16 | float16
+    parallel: {tensor_parallel_size: 1, pipeline_parallel_size: 1}
+    kv_cache: {block_size: 16, kv_cache_memory: 2GiB}
+    scheduler: {scheduling_policy: continuous, max_num_seqs: 64}
+    server: {port: 50051, metrics_port: 9400}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """1073741824, "1GiB", "512MB" -> bytes."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size; write e.g. 2GiB, 512MiB or a byte count")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Norms and residual adds on 1/TP of the tokens (reduce-scatter + all-gather).
+    sequence_parallel: bool = False
+    # Layers per pipeline stage, e.g. [14, 16]; None splits them evenly.
+    stage_layers: list[int] | None = None
+    # Micro-batches in flight through the pipeline; None means one per stage.
+    micro_batches: int | None = None
+    # Independent copies of the whole model, each with its own shards and KV pool.
+    replicas: int = 1
+    # Ray placement: PACK keeps a TP group on one node; SPREAD puts stages on different nodes.
+    placement_strategy: str = "PACK"
+    # Ray resources each shard asks for; None: 1 GPU per shard when the cluster has GPUs.
+    num_gpus_per_shard: float | None = None
+    num_cpus_per_shard: float = 0.5
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    # Per-shard KV budget in bytes ("2GiB"); None uses kv_memory_fraction of free memory.
+    kv_cache_memory: int | None = None
+    kv_memory_fraction: float = 0.25
+    # Exact number of blocks (mostly for tests); overrides both budgets.
+    num_kv_blocks: int | None = None
+
+
+@dataclass
+class SchedulerConfig:
+    scheduling_policy: str = "continuous"  # continuous | static
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    # Requests waiting beyond this are refused (RESOURCE_EXHAUSTED) instead of queued.
+    max_waiting_requests: int = 1024
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2"
+    dtype: str = "auto"
+    device: str = "auto"
+    # Longest prompt + output; None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+    seed: int = 0
+    # CPU threads per shard; None: torch's default in-process, cores / shards per node in Ray.
+    num_threads: int | None = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kv_cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        p, c, s = self.parallel, self.kv_cache, self.scheduler
+        if isinstance(c.kv_cache_memory, str):
+            c.kv_cache_memory = parse_bytes(c.kv_cache_memory)
+        checks = [
+            (p.tensor_parallel_size >= 1, "parallel.tensor_parallel_size must be >= 1"),
+            (p.pipeline_parallel_size >= 1, "parallel.pipeline_parallel_size must be >= 1"),
+            (p.replicas >= 1, "parallel.replicas must be >= 1"),
+            (p.micro_batches is None or p.micro_batches >= 1,
+             "parallel.micro_batches must be >= 1"),
+            (p.stage_layers is None or len(p.stage_layers) == p.pipeline_parallel_size,
+             "parallel.stage_layers needs one entry per pipeline stage "
+             f"({p.pipeline_parallel_size})"),
+            (p.stage_layers is None or all(n >= 1 for n in p.stage_layers),
+             "parallel.stage_layers entries must be >= 1"),
+            (p.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+             "parallel.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"),
+            (c.block_size >= 1, "kv_cache.block_size must be >= 1"),
+            (0 < c.kv_memory_fraction <= 1, "kv_cache.kv_memory_fraction must be in (0, 1]"),
+            (c.kv_cache_memory is None or c.kv_cache_memory > 0,
+             "kv_cache.kv_cache_memory must be positive"),
+            (c.num_kv_blocks is None or c.num_kv_blocks >= 1,
+             "kv_cache.num_kv_blocks must be >= 1"),
+            (s.scheduling_policy in ("continuous", "static"),
+             "scheduler.scheduling_policy must be continuous or static"),
+            (s.max_num_seqs >= 1, "scheduler.max_num_seqs must be >= 1"),
+            (s.max_num_batched_tokens >= 1, "scheduler.max_num_batched_tokens must be >= 1"),
+            (s.max_waiting_requests >= 0, "scheduler.max_waiting_requests must be >= 0"),
+            (self.max_model_len is None or self.max_model_len >= 2,
+             "max_model_len must be >= 2"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             "dtype must be auto, float32, bfloat16 or float16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def num_shards(self) -> int:
+        return self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size
+
+    def with_overrides(self, **overrides) -> "EngineConfig":
+        """A copy with fields changed by their own name, whichever section holds them:
+        `with_overrides(tensor_parallel_size=2, num_kv_blocks=64)`."""
+        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if dataclasses.is_dataclass(getattr(self, f.name))}
+        top, nested = {}, {name: {} for name in sections}
+        for key, value in overrides.items():
+            owner = next((name for name, sec in sections.items()
+                          if key in {f.name for f in dataclasses.fields(sec)}), None)
+            if owner:
+                nested[owner][key] = value
+            elif key in {f.name for f in dataclasses.fields(self)}:
+                top[key] = value
+            else:
+                raise TypeError(f"unknown engine option {key!r}")
+        return dataclasses.replace(
+            self, **top, **{name: dataclasses.replace(sec, **nested[name])
+                            for name, sec in sections.items()})
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int | None = 9400  # None disables the Prometheus endpoint
+    # Ray cluster to join: None starts a local one; "auto" joins the one on this node.
+    address: str | None = None
+
+
+def _from_dict(cls, data, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'the config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {where or 'the config'}; "
+                         f"known keys: {', '.join(sorted(known))}")
+    values = {}
+    for key, value in data.items():
+        hint, name = hints[key], f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hint):
+            values[key] = _from_dict(hint, value, name)
+            continue
+        values[key] = _check_type(value, hint, name)
+    return cls(**values)
+
+
+def _check_type(value, hint, name: str):
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    origin = typing.get_origin(base) or base
+    if name.endswith("kv_cache_memory"):
+        return parse_bytes(value)
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list and isinstance(value, list):
+        return value
+    if origin in (int, float, str, bool) and type(value) is origin:
+        return value
+    raise ValueError(f"{name} must be {getattr(origin, '__name__', origin)}, got {value!r}")
+
+
+def load_config(path: str | Path | None) -> tuple[EngineConfig, ServerConfig]:
+    """Engine and server settings from a YAML file (None: all defaults)."""
+    if path is None:
+        return EngineConfig(), ServerConfig()
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of settings")
+    server = _from_dict(ServerConfig, data.pop("server", None), "server")
+    try:
+        engine = _from_dict(EngineConfig, data, "")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return engine, server

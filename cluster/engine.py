@@ -1,0 +1,258 @@
+"""The engine loop: validate and queue requests, schedule a step, run it on the shards, apply
+the sampled tokens, stop sequences, free their blocks, and report what changed.
+
+It is synchronous and owns no threads; the offline `LLM` calls `step()` in a loop and the
+router actor calls it from its engine thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+
+from shardserve.workers.loader import resolve_model
+from shardserve.workers.models import model_shape
+from shardserve.workers.step import SamplingParams, SequenceStep, StepPlan
+
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .executor import Executor, ExecutorError
+from .kv_manager import KVCacheManager
+from .outputs import RequestOutput, TokenLogprob
+from .scheduler import ScheduledSequence, Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.config = config
+        self.model_dir = resolve_model(config.model)
+        self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        self.shape = model_shape(self.hf_config)  # fails early for an unsupported model
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        limit = self.shape.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.eos_token_ids = self._eos_token_ids()
+        self.executor = executor or self._local_executor()
+
+        cache = config.kv_cache
+        num_blocks = cache.num_kv_blocks or self.executor.kv_blocks_that_fit(
+            cache.block_size, cache.kv_cache_memory, cache.kv_memory_fraction)
+        # More blocks than max_num_seqs full-length sequences can use is wasted memory.
+        useful = config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size)
+        num_blocks = min(num_blocks, useful)
+        self.executor.allocate_kv(num_blocks, cache.block_size)
+        self.kv = KVCacheManager(num_blocks, cache.block_size)
+        s = config.scheduler
+        self.scheduler = Scheduler(self.kv, s.max_num_seqs, s.max_num_batched_tokens,
+                                   s.scheduling_policy)
+        self._seq_ids = itertools.count()
+        self._step_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self._requests: dict[str, Sequence] = {}
+        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._logprobs: dict[int, list[TokenLogprob]] = {}
+        self._first_token_times: dict[int, float] = {}
+
+    def _local_executor(self) -> Executor:
+        from shardserve.workers.shard import ShardSpec
+
+        from .executor import LocalExecutor
+
+        if self.config.num_shards > 1 or self.config.parallel.replicas > 1:
+            raise ValueError("tensor/pipeline parallelism and replicas run on Ray: "
+                             "pass a RayExecutor (LLM does this for you)")
+        c = self.config
+        return LocalExecutor(ShardSpec(model=str(self.model_dir), dtype=c.dtype, device=c.device,
+                                       num_threads=c.num_threads, seed=c.seed))
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        sources = [self.hf_config]
+        try:
+            from transformers import GenerationConfig
+
+            sources.insert(0, GenerationConfig.from_pretrained(self.model_dir))
+        except OSError:
+            pass
+        for source in sources:
+            eos = getattr(source, "eos_token_id", None)
+            if eos is not None:
+                ids.update(eos if isinstance(eos, list) else [eos])
+        if not ids and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt).input_ids if prompt else []
+        return list(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError saying what to change; nothing is queued for a bad request."""
+        vocab = self.shape.vocab_size
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: give at least one token of text")
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                             f"(0..{vocab - 1})")
+        params.validate(vocab)
+        n, limit = len(prompt_token_ids), self.max_model_len
+        if n >= limit:
+            raise ValueError(f"prompt has {n} tokens but the context limit is {limit} "
+                             "(max_model_len): shorten the prompt")
+        if n + params.max_tokens > limit:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"the context limit of {limit}: set max_tokens <= {limit - n}")
+        if n + params.max_tokens > self.kv.capacity_tokens:
+            raise ValueError(
+                f"prompt + max_tokens = {n + params.max_tokens} tokens but the KV cache holds "
+                f"{self.kv.capacity_tokens}: lower max_tokens or raise kv_cache.kv_cache_memory")
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> list[int]:
+        """Queue a request; returns its prompt token ids. Raises ValueError for bad input."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt)
+        self.validate(token_ids, params)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seq = Sequence(next(self._seq_ids), request_id, token_ids, params, seed,
+                       arrival_time or time.time())
+        self._requests[request_id] = seq
+        self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, token_ids,
+                                                                params.stop)
+        if params.logprobs is not None:
+            self._logprobs[seq.seq_id] = []
+        self.scheduler.add(seq)
+        return token_ids
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request; its blocks are free when this returns."""
+        seq = self._requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq, [], [], "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # --- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        plan = StepPlan(next(self._step_ids), [self._sequence_step(s) for s in scheduled])
+        try:
+            result = self.executor.execute(plan)
+        except ExecutorError as e:
+            log.error("step failed: %s", e)
+            return self.fail_all(str(e))
+        sampled = {t.seq_id: t for t in result.tokens}
+        outputs = []
+        now = time.time()
+        for item in scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_tokens
+            token = sampled.get(seq.seq_id)
+            if token is None:
+                continue  # a prompt chunk that did not reach the end yet
+            self._first_token_times.setdefault(seq.seq_id, now)
+            seq.output_token_ids.append(token.token_id)
+            logprobs = []
+            if seq.params.logprobs is not None:
+                logprobs = [TokenLogprob(token.token_id, token.logprob,
+                                         token.top_logprobs or [])]
+                self._logprobs[seq.seq_id].extend(logprobs)
+            reason = self._stop_reason(seq, token.token_id)
+            if reason:
+                self.scheduler.finish(seq, reason)
+            outputs.append(self._output(seq, [token.token_id], logprobs,
+                                        self._detokenizers[seq.seq_id].release(seq.is_finished)))
+        return outputs
+
+    def _sequence_step(self, item: ScheduledSequence) -> SequenceStep:
+        seq = item.seq
+        start = seq.num_computed_tokens
+        return SequenceStep(
+            seq_id=seq.seq_id,
+            token_ids=seq.token_ids(start, start + item.num_tokens),
+            start_position=start,
+            block_table=self.kv.block_table(seq.seq_id),
+            sample=item.samples,
+            params=seq.params,
+            seed=seq.seed,
+            num_generated=len(seq.output_token_ids),
+        )
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+        p = seq.params
+        if self._detokenizers[seq.seq_id].add_token(token_id):
+            return "stop"
+        if token_id in p.stop_token_ids:
+            return "stop"
+        if not p.ignore_eos and token_id in self.eos_token_ids:
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every queued and running request with an error; blocks are freed."""
+        outputs = []
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.finish(seq, "error")
+            outputs.append(self._output(seq, [], [], "", error=message))
+        return outputs
+
+    def _output(self, seq: Sequence, delta_ids: list[int], delta_logprobs: list[TokenLogprob],
+                delta_text: str, error: str | None = None) -> RequestOutput:
+        detok = self._detokenizers[seq.seq_id]
+        out = RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=detok.text,
+            delta_token_ids=delta_ids,
+            delta_text=delta_text,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            logprobs=delta_logprobs if seq.params.logprobs is not None else None,
+            error=error,
+            arrival_time=seq.arrival_time,
+            first_token_time=self._first_token_times.get(seq.seq_id),
+            num_preemptions=seq.num_preemptions,
+        )
+        if seq.is_finished:
+            self._forget(seq)
+        return out
+
+    def _forget(self, seq: Sequence) -> None:
+        self._requests.pop(seq.request_id, None)
+        self._detokenizers.pop(seq.seq_id, None)
+        self._first_token_times.pop(seq.seq_id, None)
+        self._logprobs.pop(seq.seq_id, None)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,121 @@
+"""Which sequences run each step, and how many of their tokens.
+
+One rule covers prefill and decode (as in vLLM v1): each step a sequence computes the tokens it
+has not computed yet, within a token budget. A new prompt is a long run of uncomputed tokens
+(split across steps when it exceeds the budget: chunked prefill); a decoding sequence has one.
+
+Continuous batching: every step, running sequences go first (oldest first), then waiting ones
+are admitted while the budget, the sequence cap and free KV blocks allow. When a running
+sequence needs a block and none is free, the newest running sequence is preempted: its blocks
+are freed and it waits at the head of the queue to be recomputed.
+
+Static batching (the baseline): a batch is admitted only when the previous one has finished
+entirely, so early finishers leave their slots idle until the longest member ends.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .kv_manager import KVCacheManager
+from .sequence import Sequence, SequenceStatus
+
+POLICIES = ("continuous", "static")
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_tokens: int  # tokens to compute this step, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "continuous"):
+        if policy not in POLICIES:
+            raise ValueError(f"scheduler policy must be one of {POLICIES}, got {policy!r}")
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        # Admitting only while a few blocks stay free keeps new prompts from immediately
+        # forcing running sequences out (thrashing).
+        self.watermark = max(1, kv.num_blocks // 100)
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence (stopped, cancelled or failed) and free its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.kv.free(seq.seq_id)
+
+    def schedule(self) -> list[ScheduledSequence]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(ScheduledSequence(seq, n))
+                budget -= n
+                i += 1
+
+        if self.policy == "static" and self.running:
+            return scheduled
+        if preempted:
+            return scheduled  # memory is short: let the running sequences drain first
+        if self.policy == "static":
+            # Admit a whole batch at once; its prompts are computed over the next steps.
+            while self.waiting and len(self.running) < self.max_num_seqs:
+                seq = self.waiting.popleft()
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+            return scheduled or (self.schedule() if self.running else [])
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n,
+                                    reserve=self.watermark if self.running else 0):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, n))
+            budget -= n
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)

@@ -1,0 +1,196 @@
+"""Attention over a paged KV cache, correct for any mix of prefill and decode in one batch.
+
+Per layer the cache is two tensors of shape [kv_heads, num_blocks, block_size, head_dim].
+Heads lead so that gathering a batch's blocks (`index_select` on dim 1) yields keys already in
+[kv_heads, batch, context, head_dim] order, ready for SDPA without another copy.
+
+Decodes (one new token each) are attended together in one SDPA call over their gathered,
+padded contexts; each prefill chunk is attended on its own with a causal mask. Fast fused
+kernels can replace `paged_attention` later without touching the model code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..parallel import split_range
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Which query and KV heads this TP rank holds.
+
+    Query heads are dealt evenly; a rank keeps every KV head its query heads read, so KV heads
+    are split when there are at least as many as ranks and replicated when fewer (MQA/GQA).
+    """
+
+    q_start: int
+    q_end: int
+    kv_start: int
+    kv_end: int
+    kv_of_q: tuple[int, ...]  # local KV head index read by each local query head
+
+    @staticmethod
+    def for_rank(num_heads: int, num_kv_heads: int, tp_size: int, tp_rank: int) -> "HeadLayout":
+        q_start, q_end = split_range(num_heads, tp_size, tp_rank)
+        group = num_heads // num_kv_heads
+        kv_start, kv_end = q_start // group, (q_end - 1) // group + 1
+        kv_of_q = tuple(h // group - kv_start for h in range(q_start, q_end))
+        return HeadLayout(q_start, q_end, kv_start, kv_end, kv_of_q)
+
+    @property
+    def num_q(self) -> int:
+        return self.q_end - self.q_start
+
+    @property
+    def num_kv(self) -> int:
+        return self.kv_end - self.kv_start
+
+    @property
+    def uniform(self) -> bool:
+        """Every KV head serves the same number of consecutive query heads (plain GQA)."""
+        if self.num_q % self.num_kv:
+            return False
+        group = self.num_q // self.num_kv
+        return all(kv == h // group for h, kv in enumerate(self.kv_of_q))
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # row of its first token in the batch
+    length: int
+    start_position: int
+    context_length: int
+    block_ids: torch.Tensor | None  # its blocks, when it must read tokens cached earlier
+    mask: torch.Tensor | None  # [length, context] bool; None means plain causal
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step from the plan, shared by every layer."""
+
+    num_tokens: int  # T, the real tokens of the step
+    slot_mapping: torch.Tensor  # [T]: flat cache slot (block * block_size + offset) per token
+    num_decode: int  # rows [0, num_decode) are single-token decodes, one per sequence
+    decode_block_ids: torch.Tensor  # [num_decode * blocks_per_seq], padded with block 0
+    decode_mask: torch.Tensor | None  # [num_decode, 1, blocks_per_seq * block_size] bool
+    prefills: list[PrefillSpan]
+    workspace: "Workspace"
+
+
+class Workspace:
+    """Reusable buffers for gathered keys and values: fresh large tensors cost page faults on
+    every layer, reused ones do not."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.buffers: list[torch.Tensor] = [torch.empty(0, dtype=dtype, device=device)] * 2
+
+    def get(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        if self.buffers[index].numel() < numel:
+            self.buffers[index] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self.buffers[index][:numel].view(shape)
+
+
+def build_metadata(seqs, block_size: int, sliding_window: int | None,
+                   workspace: Workspace, device: torch.device) -> AttentionMetadata:
+    """`seqs`: SequenceSteps ordered with every single-token decode first."""
+    slots: list[int] = []
+    for s in seqs:
+        for pos in range(s.start_position, s.context_length):
+            slots.append(s.block_table[pos // block_size] * block_size + pos % block_size)
+    decodes = [s for s in seqs if len(s.token_ids) == 1]
+    num_decode = len(decodes)
+    decode_ids, decode_mask = [], None
+    if num_decode:
+        blocks_per_seq = max(-(-s.context_length // block_size) for s in decodes)
+        for s in decodes:
+            used = s.block_table[:-(-s.context_length // block_size)]
+            decode_ids.extend(used + [0] * (blocks_per_seq - len(used)))
+        key_pos = torch.arange(blocks_per_seq * block_size, device=device)
+        ctx = torch.tensor([s.context_length for s in decodes], device=device)
+        decode_mask = key_pos[None, :] < ctx[:, None]
+        if sliding_window is not None:
+            decode_mask &= key_pos[None, :] > (ctx[:, None] - 1 - sliding_window)
+        decode_mask = decode_mask.unsqueeze(1)
+    prefills = []
+    row = num_decode
+    for s in seqs[num_decode:]:
+        n, ctx = len(s.token_ids), s.context_length
+        block_ids = mask = None
+        if s.start_position > 0:
+            block_ids = torch.tensor(s.block_table[:-(-ctx // block_size)], device=device)
+        if s.start_position > 0 or (sliding_window is not None and ctx > sliding_window):
+            q_pos = torch.arange(s.start_position, ctx, device=device)[:, None]
+            k_pos = torch.arange(ctx, device=device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+        prefills.append(PrefillSpan(row, n, s.start_position, ctx, block_ids, mask))
+        row += n
+    return AttentionMetadata(
+        num_tokens=len(slots),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        num_decode=num_decode,
+        decode_block_ids=torch.tensor(decode_ids, dtype=torch.long, device=device),
+        decode_mask=decode_mask,
+        prefills=prefills,
+        workspace=workspace,
+    )
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    heads: HeadLayout, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
+    num_kv, _, block_size, head_dim = k_cache.shape
+    k_cache.view(num_kv, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.view(num_kv, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    out = torch.empty_like(q)
+    kv_of_q = None if heads.uniform else torch.tensor(heads.kv_of_q, device=q.device)
+
+    nd = meta.num_decode
+    if nd:
+        shape = (num_kv, meta.decode_block_ids.numel(), block_size, head_dim)
+        keys = meta.workspace.get(0, shape)
+        values = meta.workspace.get(1, shape)
+        torch.index_select(k_cache, 1, meta.decode_block_ids, out=keys)
+        torch.index_select(v_cache, 1, meta.decode_block_ids, out=values)
+        keys = keys.view(num_kv, nd, -1, head_dim)
+        values = values.view(num_kv, nd, -1, head_dim)
+        q_dec = q[:nd]
+        if kv_of_q is None:
+            group = heads.num_q // num_kv
+            # [H_kv, nd, group, D]: the group's queries share one key set, no KV copies.
+            q_dec = q_dec.view(nd, num_kv, group, head_dim).permute(1, 0, 2, 3)
+            o = F.scaled_dot_product_attention(q_dec, keys, values, attn_mask=meta.decode_mask,
+                                               scale=scale)
+            out[:nd] = o.permute(1, 0, 2, 3).reshape(nd, heads.num_q, head_dim)
+        else:
+            keys, values = keys.index_select(0, kv_of_q), values.index_select(0, kv_of_q)
+            o = F.scaled_dot_product_attention(q_dec.transpose(0, 1).unsqueeze(2), keys, values,
+                                               attn_mask=meta.decode_mask, scale=scale)
+            out[:nd] = o.squeeze(2).transpose(0, 1)
+
+    for p in meta.prefills:
+        rows = slice(p.start, p.start + p.length)
+        if p.block_ids is None:
+            keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+        else:
+            keys = k_cache.index_select(1, p.block_ids).view(num_kv, -1, head_dim)
+            values = v_cache.index_select(1, p.block_ids).view(num_kv, -1, head_dim)
+            keys, values = keys[:, :p.context_length], values[:, :p.context_length]
+        if kv_of_q is not None:
+            keys, values = keys.index_select(0, kv_of_q), values.index_select(0, kv_of_q)
+        o = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+            attn_mask=p.mask, is_causal=p.mask is None, scale=scale,
+            enable_gqa=keys.shape[0] != heads.num_q)
+        out[rows] = o[0].transpose(0, 1)
+    return out

@@ -1,0 +1,81 @@
+"""Megatron-style linear layers. Each rank holds a slice of the weight and loads only that slice.
+
+Weights are loaded from lazy tensor slices (safetensors' `get_slice`), so `source[a:b]` reads
+only rows a..b from disk and no rank ever materialises the whole matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..parallel import ParallelContext
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's output rows split across ranks; each rank returns its part of y.
+
+    Several checkpoint tensors may be stacked into one weight (q, k and v; gate and up) so that
+    one matmul does the work of several. `parts` maps each checkpoint tensor's id to the rows of
+    it that this rank keeps; they are stacked in the order given.
+    """
+
+    def __init__(self, in_features: int, parts: dict[str, tuple[int, int]], bias: bool,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.layout: dict[str, tuple[int, int, int]] = {}
+        offset = 0
+        for part_id, (start, end) in parts.items():
+            self.layout[part_id] = (start, end, offset)
+            offset += end - start
+        self.part_sizes = [end - start for start, end in parts.values()]
+        self.weight = nn.Parameter(torch.empty(offset, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(offset, dtype=dtype, device=device),
+                                  requires_grad=False) if bias else None)
+
+    def load(self, part_id: str, weight_source, bias_source=None) -> None:
+        start, end, offset = self.layout[part_id]
+        self.weight[offset:offset + end - start].copy_(weight_source[start:end])
+        if self.bias is not None:
+            self.bias[offset:offset + end - start].copy_(bias_source[start:end])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's input columns split across ranks, then summed over ranks.
+
+    The input arrives already split (the output of a column-parallel layer), so the only
+    communication is the sum: an all-reduce, or under sequence parallelism a reduce-scatter that
+    leaves each rank 1/TP of the tokens.
+    """
+
+    def __init__(self, in_range: tuple[int, int], out_features: int, bias: bool,
+                 ctx: ParallelContext, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.in_range = in_range
+        self.ctx = ctx
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_range[1] - in_range[0], dtype=dtype, device=device),
+            requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                  requires_grad=False) if bias else None)
+
+    def load(self, weight_source, bias_source=None) -> None:
+        start, end = self.in_range
+        self.weight.copy_(weight_source[:, start:end])
+        if self.bias is not None:
+            self.bias.copy_(bias_source[:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.ctx.sequence_parallel:
+            y = self.ctx.reduce_scatter_tokens(y)
+        else:
+            y = self.ctx.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y

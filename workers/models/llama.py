@@ -1,0 +1,166 @@
+"""The Llama block family (Llama, Mistral, Qwen2, SmolLM2) written for sharding.
+
+One instance holds one shard: the layers [first_layer, last_layer) of its pipeline stage and
+its tensor-parallel slice of each. The residual stream matches transformers' LlamaModel step
+for step, which is what makes greedy outputs identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ..layers.attention import AttentionMetadata, HeadLayout, paged_attention
+from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ..layers.linear import ColumnParallelLinear, RowParallelLinear
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding
+from ..parallel import ParallelContext, split_range
+from . import ModelShape
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, shape: ModelShape, ctx: ParallelContext, dtype, device):
+        super().__init__()
+        self.heads = HeadLayout.for_rank(shape.num_heads, shape.num_kv_heads,
+                                         ctx.tp_size, ctx.tp_rank)
+        d = self.head_dim = shape.head_dim
+        h = self.heads
+        self.qkv_proj = ColumnParallelLinear(
+            shape.hidden_size,
+            {"q": (h.q_start * d, h.q_end * d), "k": (h.kv_start * d, h.kv_end * d),
+             "v": (h.kv_start * d, h.kv_end * d)},
+            bias=shape.qkv_bias, dtype=dtype, device=device)
+        self.o_proj = RowParallelLinear((h.q_start * d, h.q_end * d), shape.hidden_size,
+                                        bias=shape.o_bias, ctx=ctx, dtype=dtype, device=device)
+        self.scale = d ** -0.5
+
+    def load(self, reader, prefix: str) -> None:
+        for name in ("q", "k", "v"):
+            bias = reader.get(f"{prefix}.{name}_proj.bias") if self.qkv_proj.bias is not None else None
+            self.qkv_proj.load(name, reader.get(f"{prefix}.{name}_proj.weight"), bias)
+        bias = reader.get(f"{prefix}.o_proj.bias") if self.o_proj.bias is not None else None
+        self.o_proj.load(reader.get(f"{prefix}.o_proj.weight"), bias)
+
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, rotary) -> torch.Tensor:
+        padded = x.shape[0]
+        x = x[:meta.num_tokens]  # sequence parallelism pads the batch to a multiple of TP
+        t, d, h = x.shape[0], self.head_dim, self.heads
+        q, k, v = self.qkv_proj(x).split([h.num_q * d, h.num_kv * d, h.num_kv * d], dim=-1)
+        q, k = rotary(positions, q.view(t, h.num_q, d), k.view(t, h.num_kv, d))
+        out = paged_attention(q, k, v.view(t, h.num_kv, d), kv_cache[0], kv_cache[1], meta,
+                              h, self.scale).view(t, h.num_q * d)
+        if padded > t:
+            out = F.pad(out, (0, 0, 0, padded - t))
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, shape: ModelShape, ctx: ParallelContext, dtype, device):
+        super().__init__()
+        part = split_range(shape.intermediate_size, ctx.tp_size, ctx.tp_rank)
+        self.gate_up_proj = ColumnParallelLinear(shape.hidden_size, {"gate": part, "up": part},
+                                                 bias=shape.mlp_bias, dtype=dtype, device=device)
+        self.down_proj = RowParallelLinear(part, shape.hidden_size, bias=shape.mlp_bias, ctx=ctx,
+                                           dtype=dtype, device=device)
+        self.act = ACT2FN[shape.hidden_act]
+
+    def load(self, reader, prefix: str) -> None:
+        for name in ("gate", "up"):
+            bias = reader.get(f"{prefix}.{name}_proj.bias") if self.gate_up_proj.bias is not None else None
+            self.gate_up_proj.load(name, reader.get(f"{prefix}.{name}_proj.weight"), bias)
+        bias = reader.get(f"{prefix}.down_proj.bias") if self.down_proj.bias is not None else None
+        self.down_proj.load(reader.get(f"{prefix}.down_proj.weight"), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, shape: ModelShape, ctx: ParallelContext, dtype, device):
+        super().__init__()
+        self.ctx = ctx
+        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype, device)
+        self.self_attn = LlamaAttention(shape, ctx, dtype, device)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype,
+                                                device)
+        self.mlp = LlamaMLP(shape, ctx, dtype, device)
+
+    def load(self, reader, prefix: str) -> None:
+        self.input_layernorm.load(reader.get(f"{prefix}.input_layernorm.weight"))
+        self.post_attention_layernorm.load(reader.get(f"{prefix}.post_attention_layernorm.weight"))
+        self.self_attn.load(reader, f"{prefix}.self_attn")
+        self.mlp.load(reader, f"{prefix}.mlp")
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        # Under sequence parallelism the residual stream holds 1/TP of the tokens; the
+        # projections need all of them.
+        return self.ctx.all_gather_tokens(x) if self.ctx.sequence_parallel else x
+
+    def forward(self, positions, hidden, kv_cache, meta, rotary) -> torch.Tensor:
+        residual = hidden
+        x = self.self_attn(positions, self._gather(self.input_layernorm(hidden)), kv_cache, meta,
+                           rotary)
+        hidden = residual + x
+        residual = hidden
+        x = self.mlp(self._gather(self.post_attention_layernorm(hidden)))
+        return residual + x
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, hf_config, shape: ModelShape, ctx: ParallelContext,
+                 layer_range: tuple[int, int], dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.shape, self.ctx, self.layer_range = shape, ctx, layer_range
+        if ctx.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, ctx,
+                                                       dtype, device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(shape, ctx, dtype, device)
+                                    for _ in range(*layer_range))
+        self.rotary = RotaryEmbedding(hf_config, shape.head_dim, shape.max_position_embeddings,
+                                      dtype, device)
+        if ctx.is_last_stage:
+            self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype, device)
+            self.lm_head = ParallelLMHead(shape.vocab_size, shape.hidden_size, ctx, dtype, device)
+
+    def load(self, reader) -> None:
+        if self.ctx.is_first_stage:
+            self.embed_tokens.load(reader.get("model.embed_tokens.weight"))
+        for index, layer in zip(range(*self.layer_range), self.layers):
+            layer.load(reader, f"model.layers.{index}")
+        if self.ctx.is_last_stage:
+            self.norm.load(reader.get("model.norm.weight"))
+            head = ("model.embed_tokens.weight" if self.shape.tie_word_embeddings
+                    else "lm_head.weight")
+            self.lm_head.load(reader.get(head))
+
+    def forward(self, token_ids: torch.Tensor | None, hidden: torch.Tensor | None,
+                positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Returns the stage's output hidden states for all tokens (before the final norm)."""
+        ctx = self.ctx
+        if ctx.is_first_stage:
+            if ctx.sequence_parallel:
+                token_ids = F.pad(token_ids, (0, _padding(token_ids.shape[0], ctx.tp_size)))
+            hidden = self.embed_tokens(token_ids)
+        elif ctx.sequence_parallel:
+            hidden = F.pad(hidden, (0, 0, 0, _padding(hidden.shape[0], ctx.tp_size)))
+            chunk = hidden.shape[0] // ctx.tp_size
+            hidden = hidden[ctx.tp_rank * chunk:(ctx.tp_rank + 1) * chunk]
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden = layer(positions, hidden, kv_cache, meta, self.rotary)
+        if ctx.sequence_parallel:
+            hidden = ctx.all_gather_tokens(hidden)[:meta.num_tokens]
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (fp32) for the rows to sample; the norm is per row, so applying
+        it only to those rows gives the same values."""
+        return self.lm_head(self.norm(hidden)).float()
+
+
+def _padding(n: int, multiple: int) -> int:
+    return -n % multiple

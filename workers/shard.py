@@ -1,0 +1,188 @@
+"""A model shard: one (pipeline stage, tensor rank) of the model, with its part of the KV cache.
+
+The same class runs in-process (the offline API with one shard) and as a Ray actor
+(`ray.remote(Shard)`), so there is one code path for both.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .layers.attention import Workspace, build_metadata
+from .layers.sampler import sample
+from .loader import CheckpointReader, resolve_model
+from .models import ModelShape, model_shape
+from .models.llama import LlamaForCausalLM
+from .parallel import ParallelContext
+from .step import StepPlan, StepResult
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Everything a shard needs to start; sent by the launcher."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"  # auto: cuda when this process sees a GPU, else cpu
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    layer_range: tuple[int, int] | None = None  # None: every layer (single stage)
+    sequence_parallel: bool = False
+    num_threads: int | None = None  # CPU threads for torch; None keeps torch's choice
+    # torch.distributed rendezvous for the TP group of this stage; unused when tp_size == 1.
+    dist_init_method: str | None = None
+    dist_timeout_s: float = 60.0
+    seed: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` picks what this device runs fastest: bf16 on GPUs that have it, else fp16;
+    on CPU bf16 only where the CPU has bf16 instructions (else it runs ~4x slower than fp32)."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+class Shard:
+    def __init__(self, spec: ShardSpec):
+        self.spec = spec
+        if spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        torch.manual_seed(spec.seed)
+        self.device = resolve_device(spec.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = resolve_dtype(spec.dtype, self.device)
+        self.ctx = ParallelContext(tp_rank=spec.tp_rank, tp_size=spec.tp_size,
+                                   pp_rank=spec.pp_rank, pp_size=spec.pp_size,
+                                   sequence_parallel=spec.sequence_parallel and spec.tp_size > 1)
+        if spec.tp_size > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=spec.dist_init_method,
+                                    rank=spec.tp_rank, world_size=spec.tp_size,
+                                    timeout=timedelta(seconds=spec.dist_timeout_s))
+            self.ctx.tp_group = dist.group.WORLD
+
+        from transformers import AutoConfig
+
+        model_dir = resolve_model(spec.model)
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        self.shape: ModelShape = model_shape(hf_config)
+        layer_range = spec.layer_range or (0, self.shape.num_layers)
+        with torch.device(self.device):
+            self.model = LlamaForCausalLM(hf_config, self.shape, self.ctx, layer_range,
+                                          self.dtype, self.device)
+        self.model.load(CheckpointReader(model_dir))
+        self.model.eval()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+        self.workspace = Workspace(self.dtype, self.device)
+
+    # --- KV cache -------------------------------------------------------------------------
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes this shard needs per KV block: its layers x its KV heads only."""
+        heads = self.model.layers[0].self_attn.heads if len(self.model.layers) else None
+        num_kv = heads.num_kv if heads else 0
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(self.model.layers) * num_kv * block_size * self.shape.head_dim * element
+
+    def kv_blocks_that_fit(self, block_size: int, budget_bytes: int | None,
+                           memory_fraction: float) -> int:
+        """How many blocks this shard can hold: an explicit byte budget, or a fraction of the
+        memory free now (after the weights are loaded)."""
+        if budget_bytes is None:
+            budget_bytes = int(free_memory_bytes(self.device) * memory_fraction)
+        per_block = self.kv_block_bytes(block_size)
+        return budget_bytes // per_block if per_block else 2 ** 31
+
+    def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.kv_caches = []
+        for layer in self.model.layers:
+            heads = layer.self_attn.heads
+            shape = (heads.num_kv, num_blocks, block_size, self.shape.head_dim)
+            self.kv_caches.append((torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                   torch.zeros(shape, dtype=self.dtype, device=self.device)))
+
+    # --- one step ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, hidden: torch.Tensor | None = None):
+        """Run this shard's layers for the plan. The last stage returns sampled tokens (on TP
+        rank 0; other ranks return None); earlier stages return hidden states for the next."""
+        # Decodes first: the attention batches them together. Every shard orders the same way,
+        # so hidden-state rows line up between pipeline stages.
+        seqs = sorted(plan.seqs, key=lambda s: len(s.token_ids) != 1)
+        token_ids = [t for s in seqs for t in s.token_ids]
+        positions = [p for s in seqs for p in range(s.start_position, s.context_length)]
+        meta = build_metadata(seqs, self.block_size, self.shape.sliding_window,
+                              self.workspace, self.device)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        if hidden is not None:
+            hidden = hidden.to(self.device)
+        out = self.model(ids if self.ctx.is_first_stage else None, hidden, pos, self.kv_caches,
+                         meta)
+        if not self.ctx.is_last_stage:
+            return out.cpu() if self.device.type == "cuda" else out
+        rows, to_sample, end = [], [], 0
+        for s in seqs:
+            end += len(s.token_ids)
+            if s.sample:
+                rows.append(end - 1)
+                to_sample.append(s)
+        if not to_sample:
+            return StepResult(plan.step_id) if self.ctx.tp_rank == 0 else None
+        logits = self.model.compute_logits(out[rows])
+        if self.ctx.tp_rank != 0:
+            return None
+        return StepResult(plan.step_id, sample(logits, to_sample))
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "pid": os.getpid(), "layers": list(self.model.layer_range),
+                "tp_rank": self.spec.tp_rank, "pp_rank": self.spec.pp_rank}
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
