@@ -44,11 +44,17 @@ class ParallelConfig:
     micro_batches: int | None = None
     # Independent copies of the whole model, each with its own shards and KV pool.
     replicas: int = 1
-    # Ray placement: PACK keeps a TP group on one node; SPREAD puts stages on different nodes.
-    placement_strategy: str = "PACK"
+    # Ray placement. "stage": each stage's TP group packed on one node (STRICT_PACK), stages
+    # placed independently. Or one Ray strategy for all shards: PACK, SPREAD, STRICT_PACK,
+    # STRICT_SPREAD.
+    placement_strategy: str = "stage"
     # Ray resources each shard asks for; None: 1 GPU per shard when the cluster has GPUs.
     num_gpus_per_shard: float | None = None
     num_cpus_per_shard: float = 0.5
+    # A stuck peer fails a collective after this long instead of torch's 30 minutes.
+    collective_timeout_s: float = 120.0
+    # A step that takes longer than this counts as a failed shard.
+    step_timeout_s: float = 600.0
 
 
 @dataclass
@@ -102,8 +108,9 @@ class EngineConfig:
              f"({p.pipeline_parallel_size})"),
             (p.stage_layers is None or all(n >= 1 for n in p.stage_layers),
              "parallel.stage_layers entries must be >= 1"),
-            (p.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-             "parallel.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"),
+            (p.placement_strategy in ("stage", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+             "parallel.placement_strategy must be stage, PACK, SPREAD, STRICT_PACK or "
+             "STRICT_SPREAD"),
             (c.block_size >= 1, "kv_cache.block_size must be >= 1"),
             (0 < c.kv_memory_fraction <= 1, "kv_cache.kv_memory_fraction must be in (0, 1]"),
             (c.kv_cache_memory is None or c.kv_cache_memory > 0,

@@ -26,6 +26,13 @@ from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+# A request in flight when shards fail is recomputed once; a second failure ends it.
+MAX_FAILURES_PER_REQUEST = 1
+
+
+class EngineUnavailableError(RuntimeError):
+    """The shards are down; requests cannot be served until they restart."""
+
 
 class Engine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None):
@@ -59,6 +66,7 @@ class Engine:
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._logprobs: dict[int, list[TokenLogprob]] = {}
         self._first_token_times: dict[int, float] = {}
+        self.healthy = True
 
     def _local_executor(self) -> Executor:
         from shardserve.workers.shard import ShardSpec
@@ -123,6 +131,11 @@ class Engine:
                     arrival_time: float | None = None) -> list[int]:
         """Queue a request; returns its prompt token ids. Raises ValueError for bad input."""
         params = params or SamplingParams()
+        if not self.healthy:
+            self._recover("the engine is down")
+            if not self.healthy:
+                raise EngineUnavailableError("the model shards are down and could not be "
+                                             "restarted; see the server log")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenize(prompt)
@@ -167,8 +180,7 @@ class Engine:
         try:
             result = self.executor.execute(plan)
         except ExecutorError as e:
-            log.error("step failed: %s", e)
-            return self.fail_all(str(e))
+            return self._recover(str(e))
         sampled = {t.seq_id: t for t in result.tokens}
         outputs = []
         now = time.time()
@@ -218,16 +230,45 @@ class Engine:
             return "length"
         return None
 
-    def fail_all(self, message: str) -> list[RequestOutput]:
+    def _recover(self, error: str) -> list[RequestOutput]:
+        """A shard failed and every KV cache is suspect. Restart the shards and recompute the
+        requests that were in flight (as after a preemption); a request caught in a second
+        failure, or any request when the restart fails, ends with the error."""
+        log.error("step failed: %s", error)
+        in_flight = list(self.scheduler.running)
+        for seq in reversed(in_flight):
+            self.scheduler.preempt(seq)
+        try:
+            restart = getattr(self.executor, "restart", None)
+            if restart is None:
+                raise ExecutorError("this executor cannot restart")
+            restart()
+            self.healthy = True
+        except Exception as e:  # noqa: BLE001 - any restart failure leaves the engine down
+            self.healthy = False
+            return self.fail_all(f"{error}; restarting the shards failed: {e}")
+        outputs = []
+        for seq in in_flight:
+            seq.num_failures += 1
+            if seq.num_failures > MAX_FAILURES_PER_REQUEST:
+                self.scheduler.finish(seq, "error")
+                outputs.append(self._output(seq, [], [], "", error=error,
+                                            error_code="unavailable"))
+        log.warning("shards restarted; %d request(s) will be recomputed",
+                    len(in_flight) - len(outputs))
+        return outputs
+
+    def fail_all(self, message: str, code: str = "unavailable") -> list[RequestOutput]:
         """End every queued and running request with an error; blocks are freed."""
         outputs = []
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.finish(seq, "error")
-            outputs.append(self._output(seq, [], [], "", error=message))
+            outputs.append(self._output(seq, [], [], "", error=message, error_code=code))
         return outputs
 
     def _output(self, seq: Sequence, delta_ids: list[int], delta_logprobs: list[TokenLogprob],
-                delta_text: str, error: str | None = None) -> RequestOutput:
+                delta_text: str, error: str | None = None,
+                error_code: str | None = None) -> RequestOutput:
         detok = self._detokenizers[seq.seq_id]
         out = RequestOutput(
             request_id=seq.request_id,
@@ -240,6 +281,7 @@ class Engine:
             finish_reason=seq.finish_reason,
             logprobs=delta_logprobs if seq.params.logprobs is not None else None,
             error=error,
+            error_code=error_code,
             arrival_time=seq.arrival_time,
             first_token_time=self._first_token_times.get(seq.seq_id),
             num_preemptions=seq.num_preemptions,

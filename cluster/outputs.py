@@ -26,6 +26,8 @@ class RequestOutput:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # for delta_token_ids, when asked for
     error: str | None = None
+    # With an error: invalid_argument, unavailable (shards down) or internal; the gRPC status.
+    error_code: str | None = None
     arrival_time: float = 0.0
     first_token_time: float | None = None
     num_preemptions: int = 0

@@ -77,7 +77,7 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n):
                 victim = self.running[-1]
-                self._preempt(victim)
+                self.preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
@@ -111,7 +111,9 @@ class Scheduler:
             budget -= n
         return scheduled
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it waits at the head of the queue to be
+        recomputed from its prompt and the tokens it has generated."""
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
         seq.num_computed_tokens = 0

@@ -29,6 +29,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    num_failures: int = 0  # shard failures this request was caught in
 
     @property
     def num_tokens(self) -> int:

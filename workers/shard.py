@@ -7,6 +7,8 @@ The same class runs in-process (the offline API with one shard) and as a Ray act
 from __future__ import annotations
 
 import os
+import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -116,6 +118,8 @@ class Shard:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.workspace = Workspace(self.dtype, self.device)
+        self.busy_seconds = 0.0  # time spent inside execute(): the pipeline bubble's complement
+        self.steps = 0
 
     # --- KV cache -------------------------------------------------------------------------
 
@@ -146,10 +150,19 @@ class Shard:
 
     # --- one step ---------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan, hidden: torch.Tensor | None = None):
-        """Run this shard's layers for the plan. The last stage returns sampled tokens (on TP
-        rank 0; other ranks return None); earlier stages return hidden states for the next."""
+        """Run this shard's layers for the plan. The last stage returns sampled tokens, earlier
+        stages hidden states for the next; only TP rank 0 returns them (the other ranks hold
+        the same values), the others return None."""
+        start = time.perf_counter()
+        try:
+            return self._execute(plan, hidden)
+        finally:
+            self.busy_seconds += time.perf_counter() - start
+            self.steps += 1
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan, hidden: torch.Tensor | None):
         # Decodes first: the attention batches them together. Every shard orders the same way,
         # so hidden-state rows line up between pipeline stages.
         seqs = sorted(plan.seqs, key=lambda s: len(s.token_ids) != 1)
@@ -164,6 +177,8 @@ class Shard:
         out = self.model(ids if self.ctx.is_first_stage else None, hidden, pos, self.kv_caches,
                          meta)
         if not self.ctx.is_last_stage:
+            if self.ctx.tp_rank != 0:
+                return None
             return out.cpu() if self.device.type == "cuda" else out
         rows, to_sample, end = [], [], 0
         for s in seqs:
@@ -178,10 +193,17 @@ class Shard:
             return None
         return StepResult(plan.step_id, sample(logits, to_sample))
 
+    def stats(self) -> dict:
+        return {"busy_seconds": self.busy_seconds, "steps": self.steps}
+
     def describe(self) -> dict:
-        return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "pid": os.getpid(), "layers": list(self.model.layer_range),
-                "tp_rank": self.spec.tp_rank, "pp_rank": self.spec.pp_rank}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"node_id": node, "hostname": socket.gethostname(), "pid": os.getpid(),
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "layers": list(self.model.layer_range), "tp_rank": self.spec.tp_rank,
+                "pp_rank": self.spec.pp_rank, "threads": torch.get_num_threads()}
 
     def shutdown(self) -> None:
         if dist.is_initialized():

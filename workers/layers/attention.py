@@ -12,10 +12,12 @@ kernels can replace `paged_attention` later without touching the model code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels import paged_decode_library
 from ..parallel import split_range
 
 
@@ -76,6 +78,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T]: flat cache slot (block * block_size + offset) per token
     num_decode: int  # rows [0, num_decode) are single-token decodes, one per sequence
     decode_block_ids: torch.Tensor  # [num_decode * blocks_per_seq], padded with block 0
+    decode_blocks_per_seq: int
+    decode_context_lens: torch.Tensor  # [num_decode] int64
     decode_mask: torch.Tensor | None  # [num_decode, 1, blocks_per_seq * block_size] bool
     prefills: list[PrefillSpan]
     workspace: "Workspace"
@@ -107,7 +111,7 @@ def build_metadata(seqs, block_size: int, sliding_window: int | None,
             slots.append(s.block_table[pos // block_size] * block_size + pos % block_size)
     decodes = [s for s in seqs if len(s.token_ids) == 1]
     num_decode = len(decodes)
-    decode_ids, decode_mask = [], None
+    decode_ids, decode_mask, blocks_per_seq = [], None, 0
     if num_decode:
         blocks_per_seq = max(-(-s.context_length // block_size) for s in decodes)
         for s in decodes:
@@ -139,6 +143,9 @@ def build_metadata(seqs, block_size: int, sliding_window: int | None,
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         num_decode=num_decode,
         decode_block_ids=torch.tensor(decode_ids, dtype=torch.long, device=device),
+        decode_blocks_per_seq=blocks_per_seq,
+        decode_context_lens=torch.tensor([s.context_length for s in decodes], dtype=torch.long,
+                                         device=device),
         decode_mask=decode_mask,
         prefills=prefills,
         workspace=workspace,
@@ -147,7 +154,7 @@ def build_metadata(seqs, block_size: int, sliding_window: int | None,
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    heads: HeadLayout, scale: float) -> torch.Tensor:
+                    heads: HeadLayout, scale: float, window: int | None) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
     num_kv, _, block_size, head_dim = k_cache.shape
     k_cache.view(num_kv, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
@@ -155,28 +162,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     kv_of_q = None if heads.uniform else torch.tensor(heads.kv_of_q, device=q.device)
 
-    nd = meta.num_decode
-    if nd:
-        shape = (num_kv, meta.decode_block_ids.numel(), block_size, head_dim)
-        keys = meta.workspace.get(0, shape)
-        values = meta.workspace.get(1, shape)
-        torch.index_select(k_cache, 1, meta.decode_block_ids, out=keys)
-        torch.index_select(v_cache, 1, meta.decode_block_ids, out=values)
-        keys = keys.view(num_kv, nd, -1, head_dim)
-        values = values.view(num_kv, nd, -1, head_dim)
-        q_dec = q[:nd]
-        if kv_of_q is None:
-            group = heads.num_q // num_kv
-            # [H_kv, nd, group, D]: the group's queries share one key set, no KV copies.
-            q_dec = q_dec.view(nd, num_kv, group, head_dim).permute(1, 0, 2, 3)
-            o = F.scaled_dot_product_attention(q_dec, keys, values, attn_mask=meta.decode_mask,
-                                               scale=scale)
-            out[:nd] = o.permute(1, 0, 2, 3).reshape(nd, heads.num_q, head_dim)
-        else:
-            keys, values = keys.index_select(0, kv_of_q), values.index_select(0, kv_of_q)
-            o = F.scaled_dot_product_attention(q_dec.transpose(0, 1).unsqueeze(2), keys, values,
-                                               attn_mask=meta.decode_mask, scale=scale)
-            out[:nd] = o.squeeze(2).transpose(0, 1)
+    if meta.num_decode:
+        q_dec, out_dec = q[:meta.num_decode], out[:meta.num_decode]
+        if not _decode_native(q_dec, out_dec, k_cache, v_cache, meta, heads, scale, window):
+            _decode_torch(q_dec, out_dec, k_cache, v_cache, meta, heads, scale, kv_of_q)
 
     for p in meta.prefills:
         rows = slice(p.start, p.start + p.length)
@@ -194,3 +183,57 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             enable_gqa=keys.shape[0] != heads.num_q)
         out[rows] = o[0].transpose(0, 1)
     return out
+
+
+_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _decode_native(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: HeadLayout,
+                   scale: float, window: int | None) -> bool:
+    """The C kernel (CPU): reads keys and values in place, no gathered copy. False when it
+    does not apply here."""
+    if q.device.type != "cpu" or q.dtype not in _NATIVE_DTYPES or not q.is_contiguous():
+        return False
+    lib = paged_decode_library()
+    if lib is None:
+        return False
+    num_kv, num_blocks, block_size, head_dim = k_cache.shape
+    kv_of_q = _kv_of_q_tensor(heads)
+    status = lib.paged_decode_attention(
+        out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        meta.decode_block_ids.data_ptr(), meta.decode_blocks_per_seq,
+        meta.decode_context_lens.data_ptr(), kv_of_q.data_ptr(), q.shape[0], heads.num_q,
+        num_kv, num_blocks, block_size, head_dim, scale, window or 0, _NATIVE_DTYPES[q.dtype],
+        torch.get_num_threads())
+    return status == 0
+
+
+@lru_cache(maxsize=None)
+def _kv_of_q_tensor(heads: HeadLayout) -> torch.Tensor:
+    return torch.tensor(heads.kv_of_q, dtype=torch.long)
+
+
+def _decode_torch(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: HeadLayout,
+                  scale: float, kv_of_q: torch.Tensor | None) -> None:
+    """Gather every decode's blocks into a padded batch, then one SDPA call (any device)."""
+    num_kv, _, block_size, head_dim = k_cache.shape
+    nd = q.shape[0]
+    shape = (num_kv, meta.decode_block_ids.numel(), block_size, head_dim)
+    keys = meta.workspace.get(0, shape)
+    values = meta.workspace.get(1, shape)
+    torch.index_select(k_cache, 1, meta.decode_block_ids, out=keys)
+    torch.index_select(v_cache, 1, meta.decode_block_ids, out=values)
+    keys = keys.view(num_kv, nd, -1, head_dim)
+    values = values.view(num_kv, nd, -1, head_dim)
+    if kv_of_q is None:
+        group = heads.num_q // num_kv
+        # [H_kv, nd, group, D]: the group's queries share one key set, no KV copies.
+        q = q.view(nd, num_kv, group, head_dim).permute(1, 0, 2, 3)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.decode_mask,
+                                           scale=scale)
+        out.copy_(o.permute(1, 0, 2, 3).reshape(nd, heads.num_q, head_dim))
+    else:
+        keys, values = keys.index_select(0, kv_of_q), values.index_select(0, kv_of_q)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(2), keys, values,
+                                           attn_mask=meta.decode_mask, scale=scale)
+        out.copy_(o.squeeze(2).transpose(0, 1))

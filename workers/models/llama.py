@@ -36,6 +36,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear((h.q_start * d, h.q_end * d), shape.hidden_size,
                                         bias=shape.o_bias, ctx=ctx, dtype=dtype, device=device)
         self.scale = d ** -0.5
+        self.window = shape.sliding_window
 
     def load(self, reader, prefix: str) -> None:
         for name in ("q", "k", "v"):
@@ -51,7 +52,7 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([h.num_q * d, h.num_kv * d, h.num_kv * d], dim=-1)
         q, k = rotary(positions, q.view(t, h.num_q, d), k.view(t, h.num_kv, d))
         out = paged_attention(q, k, v.view(t, h.num_kv, d), kv_cache[0], kv_cache[1], meta,
-                              h, self.scale).view(t, h.num_q * d)
+                              h, self.scale, self.window).view(t, h.num_q * d)
         if padded > t:
             out = F.pad(out, (0, 0, 0, padded - t))
         return self.o_proj(out)

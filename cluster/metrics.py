@@ -1,0 +1,48 @@
+"""Prometheus metrics of the router, served over HTTP by prometheus_client."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        # A registry per router, so several routers in one process (tests) do not collide.
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("shardserve_requests", "Requests by outcome: completed, "
+                                "cancelled, failed, rejected_invalid, rejected_overloaded",
+                                ["outcome"], registry=r)
+        self.prompt_tokens = Counter("shardserve_prompt_tokens", "Prompt tokens accepted",
+                                     registry=r)
+        self.generated_tokens = Counter("shardserve_generated_tokens", "Tokens generated",
+                                        registry=r)
+        self.time_to_first_token = Histogram(
+            "shardserve_time_to_first_token_seconds", "Arrival to first generated token",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "shardserve_inter_token_latency_seconds", "Time between consecutive tokens of a "
+            "request", buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("shardserve_queue_depth", "Requests waiting to be scheduled",
+                                 ["replica"], registry=r)
+        self.running = Gauge("shardserve_running_sequences", "Sequences in the running batch",
+                             ["replica"], registry=r)
+        self.kv_blocks_used = Gauge("shardserve_kv_blocks_used", "KV cache blocks in use",
+                                    ["replica"], registry=r)
+        self.kv_blocks_total = Gauge("shardserve_kv_blocks_total", "KV cache blocks in the pool",
+                                     ["replica"], registry=r)
+        self.preemptions = Counter("shardserve_preemptions", "Sequences preempted for lack of "
+                                   "KV blocks", registry=r)
+        self._http = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (/metrics); returns the bound port."""
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,57 @@
+"""Test session setup: network isolation, tiny models, the real SmolLM2.
+
+Every test runs inside a network namespace with only loopback (`unshare -n`): a Ray head
+probes cloud metadata addresses when it starts, and no test may send traffic off this machine.
+`make test` starts pytest that way; a plain `pytest` re-executes itself inside one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _network_is_isolated() -> bool:
+    interfaces = os.listdir("/sys/class/net") if os.path.isdir("/sys/class/net") else []
+    return all(name == "lo" for name in interfaces)
+
+
+def pytest_configure(config) -> None:
+    if _network_is_isolated() or os.environ.get("SHARDSERVE_TEST_NETNS") == "1":
+        return
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.exit("tests must run without a route off this machine: run them as root (they "
+                    "enter a loopback-only network namespace with `unshare -n`)", returncode=4)
+    os.environ["SHARDSERVE_TEST_NETNS"] = "1"
+    # Re-run this very pytest command inside a fresh network namespace with loopback up.
+    os.execvp("unshare", ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+                          sys.executable, "-m", "pytest", *config.invocation_params.args])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(variant) -> a saved random model directory, built once per session."""
+    from tiny import make_tiny_model
+
+    made: dict[str, Path] = {}
+
+    def get(variant: str = "llama-gqa") -> Path:
+        if variant not in made:
+            made[variant] = make_tiny_model(tmp_path_factory.mktemp(variant), variant)
+        return made[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from shardserve.workers.loader import resolve_model
+
+    return resolve_model("smollm2")

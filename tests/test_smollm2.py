@@ -1,0 +1,32 @@
+"""The real SmolLM2-135M-Instruct: greedy continuations equal transformers'."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shardserve import LLM, SamplingParams
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+
+
+def test_greedy_continuations_match_transformers(smollm2_dir):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+        add_generation_prompt=True)
+    prompts = PROMPTS + [chat]
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    expected = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
+                              do_sample=False)
+        expected.append(out[0, ids.shape[1]:].tolist())
+
+    llm = LLM("smollm2", dtype="float32", kv_cache_memory="512MiB")
+    results = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0))
+    assert [r.token_ids for r in results] == expected
+    assert "Paris" in results[3].text and results[3].finish_reason == "stop"
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks

@@ -1,0 +1,83 @@
+"""Tiny random models made in the test, and transformers' greedy outputs to compare against."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig,
+                          PreTrainedTokenizerFast, Qwen2Config)
+
+VOCAB = 1000
+EOS = 999
+
+# name -> (config class, attention heads, KV heads, extra config)
+VARIANTS = {
+    "llama-mha": (LlamaConfig, 4, 4, {}),
+    "llama-gqa": (LlamaConfig, 4, 2, {}),
+    "llama-mqa": (LlamaConfig, 4, 1, {}),
+    "llama-gqa-untied": (LlamaConfig, 6, 3, {"tie_word_embeddings": False}),
+    "llama-tied": (LlamaConfig, 4, 2, {"tie_word_embeddings": True}),
+    "qwen2-gqa": (Qwen2Config, 4, 2, {}),
+    "mistral-gqa": (MistralConfig, 4, 2, {"sliding_window": 4096}),
+}
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Token i is the word w{i}; text and ids map one to one, which makes stop strings exact."""
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers import decoders
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=f"w{EOS}")
+
+
+def make_tiny_model(path: Path, variant: str, seed: int = 0, eos_token_id: int = EOS,
+                    num_layers: int = 2) -> Path:
+    config_cls, heads, kv_heads, extra = VARIANTS[variant]
+    torch.manual_seed(seed)
+    config = config_cls(
+        hidden_size=16 * heads, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=VOCAB,
+        max_position_embeddings=256, eos_token_id=eos_token_id, bos_token_id=1,
+        pad_token_id=0, initializer_range=0.2, **extra)
+    # A larger init than the default spreads the logits, so argmax ties (which float noise
+    # could break either way) do not occur.
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def set_eos(model_dir: Path, eos_token_id: int) -> None:
+    for name in ("config.json", "generation_config.json"):
+        f = model_dir / name
+        data = json.loads(f.read_text())
+        data["eos_token_id"] = eos_token_id
+        f.write_text(json.dumps(data))
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: list[int],
+              ignore_eos: bool = False) -> list[list[int]]:
+    """transformers' generate, one prompt at a time (no padding), greedy."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outputs = []
+    for prompt, n in zip(prompts, max_tokens):
+        extra = {"min_new_tokens": n} if ignore_eos else {}
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                 dtype=torch.long), max_new_tokens=n, do_sample=False, **extra)
+        outputs.append(out[0, len(prompt):].tolist())
+    return outputs
+
+
+def mixed_prompts(count: int = 6, seed: int = 1) -> tuple[list[list[int]], list[int]]:
+    """Prompts of different lengths (1..80 tokens) and different max_tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 7, 33, 80, 16, 50, 3, 64][:count]
+    prompts = [torch.randint(2, VOCAB - 1, (n,), generator=g).tolist() for n in lengths]
+    max_tokens = [12, 30, 5, 20, 40, 1, 25, 8][:count]
+    return prompts, max_tokens

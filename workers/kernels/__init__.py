@@ -1,0 +1,69 @@
+"""Native CPU kernels, compiled on first use with the system C compiler.
+
+The library is built with -march=native for the machine it runs on and cached under
+<cache>/kernels/<digest>, the digest covering the source, the flags and the CPU model, so a
+cache shared between different machines never serves a wrong binary. Without a compiler the
+callers fall back to their torch implementations (and say so once in the log).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_attention.c")
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
+          "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("model name", "flags"))), "")
+    except OSError:
+        return platform.processor()
+
+
+@lru_cache(maxsize=1)
+def paged_decode_library() -> ctypes.CDLL | None:
+    if os.environ.get("SHARDSERVE_ATTENTION") == "torch":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: decode attention uses the slower torch path")
+        return None
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_model().encode())
+    from ..loader import cache_dir
+
+    target = cache_dir() / "kernels" / f"paged_attention-{digest.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not target.exists():
+                tmp = target.with_suffix(f".{os.getpid()}.tmp")
+                result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp), "-lm"],
+                                        capture_output=True, text=True)
+                if result.returncode != 0:
+                    log.warning("compiling the paged attention kernel failed; using the torch "
+                                "path:\n%s", result.stderr[-2000:])
+                    return None
+                tmp.rename(target)
+    lib = ctypes.CDLL(str(target))
+    fn = lib.paged_decode_attention
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64,
+                   ctypes.c_float, i64, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib
