@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .layers.attention import Workspace, build_metadata
+from .layers.cpu_gemm import PackableLinear
 from .layers.sampler import sample
 from .loader import CheckpointReader, resolve_model
 from .models import ModelShape, model_shape
@@ -115,6 +116,9 @@ class Shard:
                                           self.dtype, self.device)
         self.model.load(CheckpointReader(model_dir))
         self.model.eval()
+        for module in self.model.modules():
+            if isinstance(module, PackableLinear):
+                module.pack_for_cpu()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.workspace = Workspace(self.dtype, self.device)

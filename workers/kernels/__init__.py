@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("paged_attention.c")
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
-          "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+          "-fno-trapping-math"]
 
 
 def _cpu_model() -> str:

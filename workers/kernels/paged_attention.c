@@ -17,20 +17,25 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define MAX_GROUP 64
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 256
 
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+/* GCC/Clang vector extensions: 8 floats, AVX on x86, NEON pairs on ARM, scalar elsewhere. */
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+
 typedef struct {
     void *out;
     const void *q, *k_cache, *v_cache;
     const int64_t *block_tables, *context_lens, *kv_of_q;
-    int64_t num_seqs, num_q_heads, num_kv_heads, num_blocks, block_size, head_dim, max_blocks;
-    int64_t window;
+    int64_t num_q_heads, num_kv_heads, num_blocks, block_size, head_dim, max_blocks, window;
     float scale;
+    int dtype;
     int64_t item_begin, item_end;
 } job_t;
 
@@ -48,104 +53,148 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* Loads a row of n elements of the given type into floats. */
-#define DEFINE_LOAD(NAME, T, CONV)                                              \
-    static inline void NAME(const void *base, int64_t offset, int64_t n, float *dst) { \
-        const T *src = (const T *)base + offset;                                \
-        for (int64_t i = 0; i < n; i++) dst[i] = CONV(src[i]);                  \
+/* n elements as floats: float32 data is read in place, other types converted into buf. */
+static inline const float *as_f32(int dtype, const void *base, int64_t offset, int64_t n,
+                                  float *buf) {
+    if (dtype == F32) return (const float *)base + offset;
+    if (dtype == BF16) {
+        const uint16_t *src = (const uint16_t *)base + offset;
+        for (int64_t i = 0; i < n; i++) buf[i] = bf16_to_f32(src[i]);
+    } else {
+        const _Float16 *src = (const _Float16 *)base + offset;
+        for (int64_t i = 0; i < n; i++) buf[i] = (float)src[i];
     }
-#define IDENTITY(x) (x)
-#define HALF_TO_F32(x) ((float)(x))
-DEFINE_LOAD(load_f32, float, IDENTITY)
-DEFINE_LOAD(load_bf16, uint16_t, bf16_to_f32)
-DEFINE_LOAD(load_f16, _Float16, HALF_TO_F32)
-
-static inline void store_f32(void *base, int64_t offset, int64_t n, const float *src) {
-    memcpy((float *)base + offset, src, n * sizeof(float));
-}
-static inline void store_bf16(void *base, int64_t offset, int64_t n, const float *src) {
-    uint16_t *dst = (uint16_t *)base + offset;
-    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
-}
-static inline void store_f16(void *base, int64_t offset, int64_t n, const float *src) {
-    _Float16 *dst = (_Float16 *)base + offset;
-    for (int64_t i = 0; i < n; i++) dst[i] = (_Float16)src[i];
+    return buf;
 }
 
-#define DEFINE_WORKER(NAME, LOAD, STORE)                                                   \
-static void *NAME(void *arg) {                                                             \
-    const job_t *j = (const job_t *)arg;                                                   \
-    const int64_t D = j->head_dim, BS = j->block_size;                                     \
-    float q[MAX_GROUP * MAX_HEAD_DIM], acc[MAX_GROUP * MAX_HEAD_DIM];                      \
-    float row[MAX_HEAD_DIM], scores[MAX_GROUP * MAX_BLOCK];                                \
-    float m[MAX_GROUP], l[MAX_GROUP];                                                      \
-    int64_t heads[MAX_GROUP];                                                              \
-    for (int64_t item = j->item_begin; item < j->item_end; item++) {                       \
-        const int64_t s = item / j->num_kv_heads, kvh = item % j->num_kv_heads;            \
-        int64_t g = 0;                                                                     \
-        for (int64_t h = 0; h < j->num_q_heads; h++)                                       \
-            if (j->kv_of_q[h] == kvh) heads[g++] = h;                                      \
-        if (g == 0) continue;                                                              \
-        for (int64_t i = 0; i < g; i++) {                                                  \
-            LOAD(j->q, (s * j->num_q_heads + heads[i]) * D, D, q + i * D);                 \
-            m[i] = -INFINITY;                                                              \
-            l[i] = 0.f;                                                                    \
-        }                                                                                  \
-        memset(acc, 0, sizeof(float) * g * D);                                             \
-        const int64_t ctx = j->context_lens[s];                                            \
-        const int64_t first = j->window > 0 && ctx > j->window ? ctx - j->window : 0;      \
-        const int64_t *table = j->block_tables + s * j->max_blocks;                        \
-        for (int64_t start = first - first % BS; start < ctx; start += BS) {               \
-            const int64_t block = table[start / BS];                                       \
-            const int64_t base = (kvh * j->num_blocks + block) * BS * D;                   \
-            const int64_t lo = start < first ? first - start : 0;                          \
-            const int64_t hi = ctx - start < BS ? ctx - start : BS;                        \
-            for (int64_t t = lo; t < hi; t++) {                                            \
-                LOAD(j->k_cache, base + t * D, D, row);                                    \
-                for (int64_t i = 0; i < g; i++) {                                          \
-                    const float *qi = q + i * D;                                           \
-                    float dot = 0.f;                                                       \
-                    for (int64_t d = 0; d < D; d++) dot += qi[d] * row[d];                 \
-                    scores[i * BS + t] = dot * j->scale;                                   \
-                }                                                                          \
-            }                                                                              \
-            for (int64_t i = 0; i < g; i++) {                                              \
-                float block_max = m[i];                                                    \
-                for (int64_t t = lo; t < hi; t++)                                          \
-                    if (scores[i * BS + t] > block_max) block_max = scores[i * BS + t];    \
-                const float correction = expf(m[i] - block_max);                           \
-                l[i] *= correction;                                                        \
-                float *ai = acc + i * D;                                                   \
-                for (int64_t d = 0; d < D; d++) ai[d] *= correction;                       \
-                m[i] = block_max;                                                          \
-                for (int64_t t = lo; t < hi; t++) {                                        \
-                    const float p = expf(scores[i * BS + t] - block_max);                  \
-                    scores[i * BS + t] = p;                                                \
-                    l[i] += p;                                                             \
-                }                                                                          \
-            }                                                                              \
-            for (int64_t t = lo; t < hi; t++) {                                            \
-                LOAD(j->v_cache, base + t * D, D, row);                                    \
-                for (int64_t i = 0; i < g; i++) {                                          \
-                    const float p = scores[i * BS + t];                                    \
-                    float *ai = acc + i * D;                                               \
-                    for (int64_t d = 0; d < D; d++) ai[d] += p * row[d];                   \
-                }                                                                          \
-            }                                                                              \
-        }                                                                                  \
-        for (int64_t i = 0; i < g; i++) {                                                  \
-            float *ai = acc + i * D;                                                       \
-            const float inv = 1.f / l[i];                                                  \
-            for (int64_t d = 0; d < D; d++) ai[d] *= inv;                                  \
-            STORE(j->out, (s * j->num_q_heads + heads[i]) * D, D, ai);                     \
-        }                                                                                  \
-    }                                                                                      \
-    return NULL;                                                                           \
+static inline void store(int dtype, void *base, int64_t offset, int64_t n, const float *src) {
+    if (dtype == F32) {
+        memcpy((float *)base + offset, src, n * sizeof(float));
+    } else if (dtype == BF16) {
+        uint16_t *dst = (uint16_t *)base + offset;
+        for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+    } else {
+        _Float16 *dst = (_Float16 *)base + offset;
+        for (int64_t i = 0; i < n; i++) dst[i] = (_Float16)src[i];
+    }
 }
 
-DEFINE_WORKER(worker_f32, load_f32, store_f32)
-DEFINE_WORKER(worker_bf16, load_bf16, store_bf16)
-DEFINE_WORKER(worker_f16, load_f16, store_f16)
+#define LOAD8(p) (*(const v8u *)(p))
+
+/* Four independent accumulators keep the FMA units busy instead of waiting on one chain. */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t d = 0;
+    float total = 0.f;
+    if (n >= 32) {
+        v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        for (; d + 32 <= n; d += 32) {
+            s0 += LOAD8(a + d) * LOAD8(b + d);
+            s1 += LOAD8(a + d + 8) * LOAD8(b + d + 8);
+            s2 += LOAD8(a + d + 16) * LOAD8(b + d + 16);
+            s3 += LOAD8(a + d + 24) * LOAD8(b + d + 24);
+        }
+        v8 s = (s0 + s1) + (s2 + s3);
+        total = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    }
+    for (; d < n; d++) total += a[d] * b[d];
+    return total;
+}
+
+/* acc[0:n] = acc * correction + sum_t p[t] * rows[t][0:n], rows of stride n. The token loop is
+ * inside so that a chunk of acc stays in registers across tokens. */
+static inline void accumulate(float *acc, float correction, const float *p, const float *rows,
+                              int64_t lo, int64_t hi, int64_t n) {
+    int64_t d = 0;
+    for (; d + 32 <= n; d += 32) {
+        v8 a0 = LOAD8(acc + d) * correction, a1 = LOAD8(acc + d + 8) * correction;
+        v8 a2 = LOAD8(acc + d + 16) * correction, a3 = LOAD8(acc + d + 24) * correction;
+        for (int64_t t = lo; t < hi; t++) {
+            const float *r = rows + t * n + d;
+            a0 += p[t] * LOAD8(r);
+            a1 += p[t] * LOAD8(r + 8);
+            a2 += p[t] * LOAD8(r + 16);
+            a3 += p[t] * LOAD8(r + 24);
+        }
+        *(v8u *)(acc + d) = a0;
+        *(v8u *)(acc + d + 8) = a1;
+        *(v8u *)(acc + d + 16) = a2;
+        *(v8u *)(acc + d + 24) = a3;
+    }
+    for (; d < n; d++) {
+        float a = acc[d] * correction;
+        for (int64_t t = lo; t < hi; t++) a += p[t] * rows[t * n + d];
+        acc[d] = a;
+    }
+}
+
+static void *worker(void *arg) {
+    const job_t *j = (const job_t *)arg;
+    const int64_t D = j->head_dim, BS = j->block_size;
+    static __thread float q[MAX_GROUP * MAX_HEAD_DIM], acc[MAX_GROUP * MAX_HEAD_DIM];
+    static __thread float kbuf[MAX_BLOCK * MAX_HEAD_DIM], vbuf[MAX_BLOCK * MAX_HEAD_DIM];
+    static __thread float scores[MAX_GROUP * MAX_BLOCK];
+    float m[MAX_GROUP], l[MAX_GROUP];
+    int64_t heads[MAX_GROUP];
+    for (int64_t item = j->item_begin; item < j->item_end; item++) {
+        const int64_t s = item / j->num_kv_heads, kvh = item % j->num_kv_heads;
+        int64_t g = 0;
+        for (int64_t h = 0; h < j->num_q_heads; h++)
+            if (j->kv_of_q[h] == kvh) heads[g++] = h;
+        if (g == 0) continue;
+        for (int64_t i = 0; i < g; i++) {
+            const float *src = as_f32(j->dtype, j->q, (s * j->num_q_heads + heads[i]) * D, D,
+                                      kbuf);
+            memcpy(q + i * D, src, D * sizeof(float));
+            m[i] = -INFINITY;
+            l[i] = 0.f;
+        }
+        memset(acc, 0, sizeof(float) * g * D);
+        const int64_t ctx = j->context_lens[s];
+        const int64_t first = j->window > 0 && ctx > j->window ? ctx - j->window : 0;
+        const int64_t *table = j->block_tables + s * j->max_blocks;
+        for (int64_t start = first - first % BS; start < ctx; start += BS) {
+            const int64_t base = (kvh * j->num_blocks + table[start / BS]) * BS * D;
+            const int64_t lo = start < first ? first - start : 0;
+            const int64_t hi = ctx - start < BS ? ctx - start : BS;
+            if (start + BS < ctx) {
+                /* Blocks are scattered: fetch the next one while this one is computed. */
+                const int64_t next = (kvh * j->num_blocks + table[start / BS + 1]) * BS * D;
+                const int64_t bytes = BS * D * (j->dtype == F32 ? 4 : 2);
+                const char *nk = (const char *)j->k_cache + next * (j->dtype == F32 ? 4 : 2);
+                const char *nv = (const char *)j->v_cache + next * (j->dtype == F32 ? 4 : 2);
+                for (int64_t b = 0; b < bytes; b += 64) {
+                    __builtin_prefetch(nk + b);
+                    __builtin_prefetch(nv + b);
+                }
+            }
+            const float *keys = as_f32(j->dtype, j->k_cache, base, BS * D, kbuf);
+            const float *values = as_f32(j->dtype, j->v_cache, base, BS * D, vbuf);
+            for (int64_t i = 0; i < g; i++) {
+                float *si = scores + i * BS;
+                float block_max = m[i];
+                for (int64_t t = lo; t < hi; t++) {
+                    si[t] = dot(q + i * D, keys + t * D, D) * j->scale;
+                    if (si[t] > block_max) block_max = si[t];
+                }
+                const float correction = expf(m[i] - block_max);
+                l[i] *= correction;
+                m[i] = block_max;
+                for (int64_t t = lo; t < hi; t++) {
+                    si[t] = expf(si[t] - block_max);
+                    l[i] += si[t];
+                }
+                accumulate(acc + i * D, correction, si, values, lo, hi, D);
+            }
+        }
+        for (int64_t i = 0; i < g; i++) {
+            float *ai = acc + i * D;
+            const float inv = 1.f / l[i];
+            for (int64_t d = 0; d < D; d++) ai[d] *= inv;
+            store(j->dtype, j->out, (s * j->num_q_heads + heads[i]) * D, D, ai);
+        }
+    }
+    return NULL;
+}
 
 /* dtype: 0 float32, 1 bfloat16, 2 float16. Returns 0, or -1 when a size is over the limits
  * above (the caller then uses its fallback). */
@@ -155,9 +204,9 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
                            int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
                            int64_t num_blocks, int64_t block_size, int64_t head_dim,
                            float scale, int64_t window, int dtype, int num_threads) {
-    if (head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK || num_q_heads > MAX_GROUP)
+    if (head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK || num_q_heads > MAX_GROUP ||
+        dtype < F32 || dtype > F16)
         return -1;
-    void *(*worker)(void *) = dtype == 0 ? worker_f32 : dtype == 1 ? worker_bf16 : worker_f16;
     const int64_t items = num_seqs * num_kv_heads;
     if (num_threads < 1) num_threads = 1;
     if (num_threads > 64) num_threads = 64;
@@ -166,8 +215,8 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
     pthread_t threads[64];
     for (int t = 0; t < num_threads; t++) {
         job_t jb = {out, q, k_cache, v_cache, block_tables, context_lens, kv_of_q,
-                    num_seqs, num_q_heads, num_kv_heads, num_blocks, block_size, head_dim,
-                    max_blocks, window, scale, items * t / num_threads,
+                    num_q_heads, num_kv_heads, num_blocks, block_size, head_dim, max_blocks,
+                    window, scale, dtype, items * t / num_threads,
                     items * (t + 1) / num_threads};
         jobs[t] = jb;
     }
@@ -177,7 +226,7 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
         started = t;
     }
     worker(&jobs[0]);
-    /* Threads that could not be started: do their share here. */
+    /* Shares of threads that could not be started are done here. */
     for (int t = started + 1; t < num_threads; t++) worker(&jobs[t]);
     for (int t = 1; t <= started; t++) pthread_join(threads[t], NULL);
     return 0;

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..parallel import ParallelContext, split_range
+from .cpu_gemm import PackableLinear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -36,7 +37,7 @@ class VocabParallelEmbedding(nn.Module):
         return self.ctx.all_reduce(local)
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(PackableLinear):
     """Logits for this rank's vocab range, gathered so every rank sees the full vocabulary."""
 
     def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext,
@@ -49,11 +50,12 @@ class ParallelLMHead(nn.Module):
         rows = self.vocab_range[1] - self.vocab_range[0]
         self.weight = nn.Parameter(torch.empty(rows, hidden_size, dtype=dtype, device=device),
                                    requires_grad=False)
+        self.bias = None
 
     def load(self, source) -> None:
         start, end = self.vocab_range
         self.weight.copy_(source[start:end])
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = self.matmul(hidden, None)
         return self.ctx.all_gather(logits, self.sizes, dim=-1)

@@ -7,13 +7,13 @@ only rows a..b from disk and no rank ever materialises the whole matrix.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..parallel import ParallelContext
+from .cpu_gemm import PackableLinear
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(PackableLinear):
     """y = x W^T + b with W's output rows split across ranks; each rank returns its part of y.
 
     Several checkpoint tensors may be stacked into one weight (q, k and v; gate and up) so that
@@ -42,10 +42,10 @@ class ColumnParallelLinear(nn.Module):
             self.bias[offset:offset + end - start].copy_(bias_source[start:end])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackableLinear):
     """y = x W^T + b with W's input columns split across ranks, then summed over ranks.
 
     The input arrives already split (the output of a column-parallel layer), so the only
@@ -71,7 +71,7 @@ class RowParallelLinear(nn.Module):
             self.bias.copy_(bias_source[:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x, None)
         if self.ctx.sequence_parallel:
             y = self.ctx.reduce_scatter_tokens(y)
         else:
