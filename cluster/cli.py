@@ -1,5 +1,7 @@
 """The `shardserve` command.
 
+    shardserve serve [--config deploy/cpu-single-node.yaml] [--address auto|HOST:PORT]
+    shardserve generate "prompt" [--stream] [--max-tokens N] [--target HOST:PORT]
     shardserve plan --model DIR [--dtype float16] [--memory 16GiB] [--seq-len 4096]
 """
 
@@ -29,6 +31,89 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+    import signal
+    import threading
+
+    from .config import load_config
+
+    engine_config, server_config = load_config(args.config)
+    overrides = {k: v for k, v in (("address", args.address), ("host", args.host),
+                                   ("port", args.port), ("metrics_port", args.metrics_port))
+                 if v is not None}
+    server_config = dataclasses.replace(server_config, **overrides)
+    if args.model:
+        engine_config = engine_config.with_overrides(model=args.model)
+
+    import ray
+
+    from .launch import ensure_ray
+    from .service import start_server_actor
+
+    where = server_config.address or "a new local Ray cluster"
+    print(f"starting shardserve: model {engine_config.model}, TP="
+          f"{engine_config.parallel.tensor_parallel_size} x PP="
+          f"{engine_config.parallel.pipeline_parallel_size} x "
+          f"{engine_config.parallel.replicas} replica(s) on {where}", flush=True)
+    ensure_ray(server_config.address)
+    actor, info = start_server_actor(engine_config, server_config)
+    host = info["node_ip"] if info["host"] in ("0.0.0.0", "::", "") else info["host"]
+    print(f"shardserve is serving {engine_config.model} on {host}:{info['grpc_port']} (gRPC)"
+          + (f", metrics on http://{host}:{info['metrics_port']}/metrics"
+             if info["metrics_port"] else ""), flush=True)
+    print(f"try: shardserve generate --target {host}:{info['grpc_port']} \"Hello\"",
+          flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(5):
+        try:
+            ray.get(actor.ping.remote(), timeout=30)
+        except Exception as e:  # noqa: BLE001 - the server is gone: say so and exit
+            print(f"error: the server actor stopped: {e}", file=sys.stderr)
+            return 1
+    print("shutting down", flush=True)
+    ray.get(actor.stop.remote(), timeout=60)
+    ray.kill(actor)
+    ray.shutdown()
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import Client
+
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature,
+               "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
+               "stop": args.stop or None}
+    with Client(args.target, timeout=args.timeout) as client:
+        try:
+            if args.stream:
+                final = None
+                for chunk in client.generate_stream(args.prompt, **options):
+                    print(chunk.text, end="", flush=True)
+                    final = chunk
+                print()
+                usage = final.usage if final else None
+                reason = final.finish_reason if final else 0
+            else:
+                response = client.generate(args.prompt, **options)
+                print(response.text)
+                usage, reason = response.usage, response.finish_reason
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    from shardserve.proto import shardserve_pb2 as pb
+
+    print(f"[{pb.FinishReason.Name(reason).removeprefix('FINISH_REASON_').lower()}: "
+          f"{usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens]",
+          file=sys.stderr)
+    return 0
+
+
 def _available_memory() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -41,6 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardserve",
                                      description="Distributed LLM inference on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the gRPC server (default: SmolLM2 on a local "
+                                         "Ray cluster)")
+    serve.add_argument("--config", help="serving config YAML (see deploy/)")
+    serve.add_argument("--address", help="Ray cluster to join: auto (this node's) or HOST:PORT; "
+                                         "default: start a local one")
+    serve.add_argument("--model", help="override the config's model")
+    serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 9400)")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="send a prompt to a running server")
+    gen.add_argument("prompt")
+    gen.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.set_defaults(func=cmd_generate)
 
     plan = sub.add_parser("plan", help="weights, KV bytes per token and what fits in memory")
     plan.add_argument("--model", default="smollm2",

@@ -55,3 +55,20 @@ def smollm2_dir() -> Path:
     from shardserve.workers.loader import resolve_model
 
     return resolve_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of a head with no CPUs and two worker nodes that hold two shards
+    each: a TP group of two fills a node, so pipeline stages land on different nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": 150 * 1024 ** 2, "include_dashboard": False})
+    for name in ("node_a", "node_b"):
+        cluster.add_node(num_cpus=2, resources={name: 1}, object_store_memory=150 * 1024 ** 2)
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

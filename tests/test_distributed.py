@@ -5,24 +5,9 @@ from __future__ import annotations
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 from tiny import hf_greedy, mixed_prompts
 
 from shardserve import LLM, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A head with no CPUs and two worker nodes that hold two shards each: a TP group of two
-    fills a node, so pipeline stages land on different nodes."""
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 150 * 1024 ** 2, "include_dashboard": False})
-    for name in ("node_a", "node_b"):
-        cluster.add_node(num_cpus=2, resources={name: 1}, object_store_memory=150 * 1024 ** 2)
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
 
 
 def serve(model_dir, **options) -> LLM:

@@ -1,0 +1,75 @@
+"""A small Python client over the generated stubs.
+
+    from shardserve.cluster.client import Client
+    with Client("127.0.0.1:50051") as client:
+        print(client.generate("The capital of France is", max_tokens=8, temperature=0).text)
+        for chunk in client.generate_stream("Once upon a time", max_tokens=32):
+            print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shardserve.proto import shardserve_pb2 as pb
+from shardserve.proto import shardserve_pb2_grpc as pb_grpc
+
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs",
+                    "stop", "stop_token_ids", "ignore_eos", "request_id")
+
+
+def build_request(prompt: str | list[int], **options) -> pb.GenerateRequest:
+    unknown = set(options) - set(_SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    request = pb.GenerateRequest(**{k: v for k, v in options.items() if v is not None})
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.token_ids.ids.extend(prompt)
+    return request
+
+
+class Client:
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.timeout = timeout
+
+    def generate(self, prompt: str | list[int], timeout: float | None = None,
+                 **options) -> pb.GenerateResponse:
+        return self.stub.Generate(build_request(prompt, **options),
+                                  timeout=timeout or self.timeout)
+
+    def generate_stream(self, prompt: str | list[int], timeout: float | None = None,
+                        **options) -> Iterator[pb.GenerateStreamResponse]:
+        """Messages as they arrive; `.cancel()` on the returned iterator cancels the request."""
+        return self.stub.GenerateStream(build_request(prompt, **options),
+                                        timeout=timeout or self.timeout)
+
+    def model_info(self) -> pb.ModelInfoResponse:
+        return self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> pb.TokenizeResponse:
+        return self.stub.Tokenize(pb.TokenizeRequest(text=text,
+                                                     add_special_tokens=add_special_tokens),
+                                  timeout=self.timeout)
+
+    def health(self, service: str = "") -> str:
+        """SERVING, NOT_SERVING, ... as the grpc.health.v1 service reports it."""
+        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                          timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,96 @@
+"""The server actor: router, gRPC server and metrics endpoint in one Ray actor process.
+
+`shardserve serve` starts one on its own node (so the address it prints is reachable where the
+user ran it); the actor places the shards, starts serving and reports where it listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass
+
+from .config import EngineConfig, ServerConfig
+from .router import Router
+from .server import start_grpc_server
+
+log = logging.getLogger(__name__)
+
+HEALTH_POLL_S = 1.0
+
+
+@dataclass
+class Listening:
+    grpc_port: int
+    metrics_port: int | None
+    host: str
+    node_ip: str
+
+
+class ServerActor:
+    def __init__(self, engine_config: EngineConfig, server_config: ServerConfig):
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.engine_config = engine_config
+        self.server_config = server_config
+        self.router: Router | None = None
+        self._grpc = None
+        self._health_task = None
+
+    async def start(self) -> dict:
+        import ray
+
+        c = self.server_config
+        # Loading shards blocks; keep the event loop free while it happens.
+        self.router = await asyncio.get_running_loop().run_in_executor(
+            None, Router, self.engine_config, c.address)
+        self._grpc, port, reporter = await start_grpc_server(
+            self.router, self.engine_config.model, c.host, c.port)
+        metrics_port = None
+        if c.metrics_port is not None:
+            metrics_port = self.router.metrics.serve(c.host, c.metrics_port)
+        self._health_task = asyncio.create_task(self._watch_health(reporter))
+        listening = Listening(port, metrics_port, c.host, ray.util.get_node_ip_address())
+        log.info("serving %s on %s:%d", self.engine_config.model, c.host, port)
+        return asdict(listening)
+
+    async def _watch_health(self, reporter) -> None:
+        serving = None
+        while True:
+            healthy = self.router.healthy
+            if healthy != serving:
+                await reporter.set(healthy)
+                serving = healthy
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def stop(self) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+        if self._grpc is not None:
+            await self._grpc.stop(grace=5)
+        if self.router is not None:
+            self.router.metrics.stop()
+            await asyncio.get_running_loop().run_in_executor(None, self.router.stop)
+
+
+def start_server_actor(engine_config: EngineConfig, server_config: ServerConfig):
+    """Create the server actor on this node and start it; returns (actor, listening info)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    actor = ray.remote(ServerActor).options(
+        num_cpus=0, max_concurrency=10_000, max_restarts=0,
+        # Our blocking ray.get calls run on engine-loop threads, never on the event loop.
+        runtime_env={"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}},
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False),
+    ).remote(engine_config, server_config)
+    try:
+        info = ray.get(actor.start.remote())
+    except Exception:
+        ray.kill(actor)
+        raise
+    return actor, info

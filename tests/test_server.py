@@ -1,0 +1,225 @@
+"""End to end: a real gRPC server on 127.0.0.1 in front of shard actors on a local Ray cluster."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tiny import mixed_prompts
+
+from shardserve import LLM, SamplingParams
+from shardserve.cluster.client import Client
+from shardserve.cluster.config import EngineConfig, ServerConfig
+from shardserve.cluster.service import start_server_actor
+from shardserve.proto import shardserve_pb2 as pb
+
+
+def start(model_dir, **options):
+    import ray
+
+    config = EngineConfig().with_overrides(model=str(model_dir), dtype="float32", num_threads=1,
+                                           **options)
+    actor, info = start_server_actor(config, ServerConfig(host="127.0.0.1", port=0,
+                                                          metrics_port=0))
+    client = Client(f"127.0.0.1:{info['grpc_port']}")
+
+    def stop():
+        client.close()
+        ray.get(actor.stop.remote())
+        ray.kill(actor)
+
+    return client, info, stop
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_model):
+    client, info, stop = start(tiny_model("llama-gqa"), tensor_parallel_size=2,
+                               num_kv_blocks=128, block_size=8)
+    yield client, info
+    stop()
+
+
+def metrics(info) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics").read()
+    values = {}
+    for line in text.decode().splitlines():
+        match = re.match(r"^([a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
+        if match:
+            values[match.group(1)] = float(match.group(2))
+    return values
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def blocks_in_use(info) -> float:
+    return sum(v for k, v in metrics(info).items() if k.startswith("shardserve_kv_blocks_used"))
+
+
+def test_health_reports_serving(server):
+    client, _ = server
+    assert client.health() == "SERVING"
+    assert client.health("shardserve.v1.Generation") == "SERVING"
+
+
+def test_concurrent_streams_get_what_the_offline_api_gives(server, tiny_model):
+    client, _ = server
+    prompts, max_tokens = mixed_prompts(6)
+    params = [dict(max_tokens=n, temperature=0) if i % 2 == 0 else
+              dict(max_tokens=n, temperature=0.9, top_p=0.9, seed=100 + i)
+              for i, n in enumerate(max_tokens)]
+    offline = LLM(str(tiny_model("llama-gqa")), dtype="float32").generate(
+        prompts, [SamplingParams(**p) for p in params])
+
+    received: dict[int, tuple[list[int], str, int]] = {}
+
+    def stream(i):
+        ids, text, final = [], "", None
+        for chunk in client.generate_stream(prompts[i], **params[i]):
+            ids += chunk.token_ids
+            text += chunk.text
+            final = chunk
+        received[i] = (ids, text, final.finish_reason, final.usage.completion_tokens)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i, expected in enumerate(offline):
+        ids, text, reason, usage = received[i]
+        assert ids == expected.token_ids
+        assert text == expected.text
+        assert usage == len(expected.token_ids)
+        assert reason == {"stop": pb.FINISH_REASON_STOP,
+                          "length": pb.FINISH_REASON_LENGTH}[expected.finish_reason]
+
+
+def test_unary_generate_and_logprobs(server):
+    client, _ = server
+    prompt = mixed_prompts(1)[0][0]
+    response = client.generate(prompt, max_tokens=5, temperature=0, logprobs=2,
+                               request_id="my-id")
+    assert response.request_id == "my-id"
+    assert len(response.token_ids) == 5 and response.usage.completion_tokens == 5
+    assert [e.token_id for e in response.logprobs] == list(response.token_ids)
+    assert all(len(e.top_logprobs) == 2 for e in response.logprobs)
+    assert response.time_to_first_token_s > 0
+
+
+def test_cancelled_stream_frees_its_blocks(server):
+    client, info = server
+    before = metrics(info).get('shardserve_requests_total{outcome="cancelled"}', 0)
+    stream = client.generate_stream([5, 6, 7], max_tokens=200, temperature=0, ignore_eos=True)
+    next(stream)
+    next(stream)
+    assert blocks_in_use(info) > 0
+    stream.cancel()
+    wait_for(lambda: blocks_in_use(info) == 0)
+    wait_for(lambda: metrics(info).get('shardserve_requests_total{outcome="cancelled"}', 0)
+             == before + 1)
+
+
+def test_deadline_is_honoured(server):
+    client, info = server
+    start = time.time()
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate([5, 6, 7], max_tokens=200, temperature=0, ignore_eos=True, timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.time() - start < 5
+    wait_for(lambda: blocks_in_use(info) == 0)
+
+
+@pytest.mark.parametrize("prompt, options, message", [
+    ("", {}, "prompt is empty"),
+    ([], {}, "prompt is empty"),
+    ([7] * 300, {}, "context limit is 256"),
+    ([7], {"max_tokens": 0}, "max_tokens must be a positive integer"),
+    ([7], {"max_tokens": -3}, "max_tokens must be a positive integer"),
+    ([7] * 10, {"max_tokens": 250}, "set max_tokens <= 246"),
+    ([7], {"temperature": -1.0}, "temperature must be >= 0"),
+    ([7], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ([7], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ([7], {"top_k": -1}, "top_k must be an integer >= 0"),
+    ([7], {"stop_token_ids": [123456]}, "not in the vocabulary"),
+    ([7, 99999], {}, "outside the vocabulary"),
+])
+def test_bad_input_is_invalid_argument(server, prompt, options, message):
+    client, _ = server
+    for call in (lambda: client.generate(prompt, **options),
+                 lambda: list(client.generate_stream(prompt, **options))):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert re.search(message, err.value.details())
+
+
+def test_duplicate_request_id_in_flight_is_rejected(server):
+    client, _ = server
+    stream = client.generate_stream([5, 6], max_tokens=100, ignore_eos=True, request_id="dup")
+    next(stream)
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate([5, 6], max_tokens=2, request_id="dup")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "already in use" in err.value.details()
+    stream.cancel()
+
+
+def test_model_info_tokenize_and_reflection(server):
+    client, info = server
+    model = client.model_info()
+    assert model.architecture == "LlamaForCausalLM"
+    assert model.tensor_parallel_size == 2 and len(model.shards) == 2
+    assert model.max_model_len == 256 and model.kv_num_blocks == 128
+    tokens = client.tokenize("w5 w6 w7", add_special_tokens=False)
+    assert list(tokens.token_ids) == [5, 6, 7] and list(tokens.tokens) == ["w5", "w6", "w7"]
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        list_services="")])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"shardserve.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_move(server):
+    client, info = server
+    before = metrics(info)
+    client.generate([5, 6, 7], max_tokens=4, temperature=0, ignore_eos=True)
+    after = metrics(info)
+    key = 'shardserve_requests_total{outcome="completed"}'
+    assert after[key] == before.get(key, 0) + 1
+    assert after["shardserve_generated_tokens_total"] >= before.get(
+        "shardserve_generated_tokens_total", 0) + 4
+    assert after["shardserve_prompt_tokens_total"] >= before.get(
+        "shardserve_prompt_tokens_total", 0) + 3
+    assert after["shardserve_time_to_first_token_seconds_count"] > before.get(
+        "shardserve_time_to_first_token_seconds_count", 0)
+    assert after["shardserve_inter_token_latency_seconds_count"] >= before.get(
+        "shardserve_inter_token_latency_seconds_count", 0) + 3
+    assert after['shardserve_kv_blocks_total{replica="0"}'] == 128
+
+
+def test_overloaded_queue_is_resource_exhausted(ray_cluster, tiny_model):
+    client, info, stop = start(tiny_model("llama-gqa"), max_num_seqs=1, max_waiting_requests=1)
+    try:
+        running = client.generate_stream([5], max_tokens=200, ignore_eos=True)
+        next(running)  # admitted: it is running
+        waiting = client.generate_stream([6], max_tokens=200, ignore_eos=True)
+        wait_for(lambda: metrics(info).get('shardserve_queue_depth{replica="0"}') == 1)
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate([7], max_tokens=2)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_waiting_requests" in err.value.details()
+        running.cancel()
+        waiting.cancel()
+        assert metrics(info)['shardserve_requests_total{outcome="rejected_overloaded"}'] == 1
+    finally:
+        stop()
