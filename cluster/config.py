@@ -55,6 +55,8 @@ class ParallelConfig:
     collective_timeout_s: float = 120.0
     # A step that takes longer than this counts as a failed shard.
     step_timeout_s: float = 600.0
+    # How long to wait for the cluster to have room for the shards (at start and restart).
+    placement_timeout_s: float = 120.0
 
 
 @dataclass

@@ -132,10 +132,8 @@ class Engine:
         """Queue a request; returns its prompt token ids. Raises ValueError for bad input."""
         params = params or SamplingParams()
         if not self.healthy:
-            self._recover("the engine is down")
-            if not self.healthy:
-                raise EngineUnavailableError("the model shards are down and could not be "
-                                             "restarted; see the server log")
+            raise EngineUnavailableError("the model shards are down and could not be "
+                                         "restarted yet; retry later (see the server log)")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.tokenize(prompt)
@@ -257,6 +255,19 @@ class Engine:
         log.warning("shards restarted; %d request(s) will be recomputed",
                     len(in_flight) - len(outputs))
         return outputs
+
+    def try_restart(self) -> bool:
+        """After a failed restart: try again to bring the shards back (the loop calls this
+        now and then, so the server recovers by itself when the cluster does)."""
+        if self.healthy:
+            return True
+        try:
+            self.executor.restart()
+            self.healthy = True
+            log.warning("shards restarted; serving again")
+        except Exception as e:  # noqa: BLE001 - still down; the caller retries later
+            log.error("restarting the shards failed again: %s", e)
+        return self.healthy
 
     def fail_all(self, message: str, code: str = "unavailable") -> list[RequestOutput]:
         """End every queued and running request with an error; blocks are freed."""

@@ -32,8 +32,6 @@ from .executor import ExecutorError
 
 log = logging.getLogger(__name__)
 
-PLACEMENT_TIMEOUT_S = 120
-
 
 def ensure_ray(address: str | None = None) -> None:
     """Join the Ray cluster at `address` ("auto": the one on this node), or start a local one."""
@@ -124,13 +122,13 @@ class RayExecutor:
             slots = [[(group, s * tp + r) for r in range(tp)] for s in range(pp)]
         for group in self._groups:
             try:
-                ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+                ray.get(group.ready(), timeout=p.placement_timeout_s)
             except ray.exceptions.GetTimeoutError:
                 self._remove_groups()
                 raise RuntimeError(
                     f"could not place {tp * pp} shards ({bundle} each, strategy "
-                    f"{p.placement_strategy}) within {PLACEMENT_TIMEOUT_S}s; the cluster has "
-                    f"{ray.available_resources()}") from None
+                    f"{p.placement_strategy}) within {p.placement_timeout_s:.0f}s; the "
+                    f"cluster has {ray.available_resources()} free") from None
 
         nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
         shards_per_node: dict[str, int] = {}

@@ -26,6 +26,9 @@ from .outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 
+# While the shards are down, how often the loop tries to bring them back.
+RESTART_RETRY_S = 5.0
+
 OUTCOMES = {"stop": "completed", "length": "completed", "abort": "cancelled", "error": "failed"}
 
 
@@ -84,8 +87,12 @@ class EngineLoop:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        last_restart = 0.0
         while not self._stop.is_set():
             try:
+                if not self.engine.healthy and time.time() - last_restart > RESTART_RETRY_S:
+                    last_restart = time.time()
+                    self.engine.try_restart()
                 self._apply_commands(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
                     self._publish(self.engine.step())

@@ -57,10 +57,14 @@ class ServerActor:
     async def _watch_health(self, reporter) -> None:
         serving = None
         while True:
-            healthy = self.router.healthy
-            if healthy != serving:
-                await reporter.set(healthy)
-                serving = healthy
+            try:
+                healthy = self.router.healthy
+                if healthy != serving:
+                    await reporter.set(healthy)
+                    log.info("health: %s", "SERVING" if healthy else "NOT_SERVING")
+                    serving = healthy
+            except Exception:  # noqa: BLE001 - keep reporting whatever happens
+                log.exception("health reporting failed")
             await asyncio.sleep(HEALTH_POLL_S)
 
     async def ping(self) -> bool:
