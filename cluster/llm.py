@@ -39,8 +39,11 @@ class LLM:
         """`options` are any EngineConfig fields by name, e.g. dtype="float32",
         tensor_parallel_size=2, num_kv_blocks=64, scheduling_policy="static"."""
         config = (config or EngineConfig()).with_overrides(model=model, **options)
+        if config.parallel.replicas > 1:
+            raise ValueError("replicas are served by `shardserve serve` (the router balances "
+                             "requests across them); the offline LLM runs one copy")
         executor = None
-        if use_ray or config.num_shards > 1 or config.parallel.replicas > 1:
+        if use_ray or config.num_shards > 1:
             from .launch import RayExecutor
 
             executor = RayExecutor(config)

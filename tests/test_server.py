@@ -223,3 +223,29 @@ def test_overloaded_queue_is_resource_exhausted(ray_cluster, tiny_model):
         assert metrics(info)['shardserve_requests_total{outcome="rejected_overloaded"}'] == 1
     finally:
         stop()
+
+
+def test_replicas_share_the_load_and_agree(ray_cluster, tiny_model):
+    client, info, stop = start(tiny_model("qwen2-gqa"), replicas=2, pipeline_parallel_size=2,
+                               placement_strategy="PACK")
+    try:
+        model = client.model_info()
+        assert model.replicas == 2 and sorted({s.replica for s in model.shards}) == [0, 1]
+        prompts, max_tokens = mixed_prompts(6)
+        offline = LLM(str(tiny_model("qwen2-gqa")), dtype="float32").generate(
+            prompts, [SamplingParams(max_tokens=n, temperature=0) for n in max_tokens])
+        results = {}
+
+        def call(i):
+            results[i] = client.generate(prompts[i], max_tokens=max_tokens[i], temperature=0)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [list(results[i].token_ids) for i in range(6)] == [o.token_ids for o in offline]
+        served = metrics(info)
+        assert 'shardserve_kv_blocks_total{replica="1"}' in served
+    finally:
+        stop()
