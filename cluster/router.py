@@ -151,7 +151,10 @@ class EngineLoop:
                 with self._lock:
                     self.outstanding -= 1
             if deliver is not None:
-                deliver(out)
+                try:
+                    deliver(out)
+                except RuntimeError:  # the caller's event loop is gone (server stopping)
+                    pass
 
     def _update_gauges(self) -> None:
         e, m = self.engine, self.metrics
