@@ -57,8 +57,14 @@ class Engine:
         self.executor.allocate_kv(num_blocks, cache.block_size)
         self.kv = KVCacheManager(num_blocks, cache.block_size)
         s = config.scheduler
+        # One lane per micro-batch in flight; only pipeline parallelism has more than one.
+        self.num_lanes = 1
+        if config.parallel.pipeline_parallel_size > 1:
+            self.num_lanes = (config.parallel.micro_batches
+                              or config.parallel.pipeline_parallel_size)
         self.scheduler = Scheduler(self.kv, s.max_num_seqs, s.max_num_batched_tokens,
-                                   s.scheduling_policy)
+                                   s.scheduling_policy, self.num_lanes)
+        self._in_flight: dict[int, tuple[object, list[ScheduledSequence]]] = {}
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
         self._rng = random.Random(config.seed)
@@ -150,7 +156,11 @@ class Engine:
         return token_ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Cancel a request; its blocks are free when this returns."""
+        """Cancel a request; its blocks are free when this returns.
+
+        That is safe even while its batch is in flight: every shard runs batches in the order
+        they were sent, so that batch writes its KV before any later batch that reuses the
+        blocks writes its own."""
         seq = self._requests.get(request_id)
         if seq is None or seq.is_finished:
             return None
@@ -158,7 +168,7 @@ class Engine:
         return self._output(seq, [], [], "")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     @property
     def num_waiting(self) -> int:
@@ -171,19 +181,40 @@ class Engine:
     # --- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        """Send a batch for every idle lane, then apply the first batch that comes back.
+
+        With one lane (no pipeline parallelism) this is: schedule, run, apply. With several,
+        up to one batch per lane is in flight, so every pipeline stage has work.
+        """
+        for lane in range(self.num_lanes):
+            if lane in self._in_flight:
+                continue
+            scheduled = self.scheduler.schedule(lane)
+            if not scheduled:
+                continue
+            plan = StepPlan(next(self._step_ids), [self._sequence_step(s) for s in scheduled])
+            try:
+                self._in_flight[lane] = (self.executor.submit(plan), scheduled)
+            except ExecutorError as e:
+                return self._recover(str(e))
+        if not self._in_flight:
             return []
-        plan = StepPlan(next(self._step_ids), [self._sequence_step(s) for s in scheduled])
         try:
-            result = self.executor.execute(plan)
+            lane, result = self.executor.wait_any(
+                {lane: handle for lane, (handle, _) in self._in_flight.items()})
         except ExecutorError as e:
             return self._recover(str(e))
+        _, scheduled = self._in_flight.pop(lane)
+        return self._apply(scheduled, result)
+
+    def _apply(self, scheduled: list[ScheduledSequence], result) -> list[RequestOutput]:
         sampled = {t.seq_id: t for t in result.tokens}
         outputs = []
         now = time.time()
         for item in scheduled:
             seq = item.seq
+            if seq.is_finished:
+                continue  # cancelled while its batch was in flight
             seq.num_computed_tokens += item.num_tokens
             token = sampled.get(seq.seq_id)
             if token is None:
@@ -233,6 +264,7 @@ class Engine:
         requests that were in flight (as after a preemption); a request caught in a second
         failure, or any request when the restart fails, ends with the error."""
         log.error("step failed: %s", error)
+        self._in_flight.clear()
         in_flight = list(self.scheduler.running)
         for seq in reversed(in_flight):
             self.scheduler.preempt(seq)
@@ -271,6 +303,7 @@ class Engine:
 
     def fail_all(self, message: str, code: str = "unavailable") -> list[RequestOutput]:
         """End every queued and running request with an error; blocks are freed."""
+        self._in_flight.clear()
         outputs = []
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.finish(seq, "error")

@@ -18,7 +18,12 @@ class Executor(Protocol):
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None: ...
 
-    def execute(self, plan: StepPlan) -> StepResult: ...
+    def submit(self, plan: StepPlan) -> object:
+        """Start a step; returns a handle to wait on."""
+
+    def wait_any(self, handles: dict[int, object]) -> tuple[int, StepResult]:
+        """Wait until one of the submitted steps is done: its key and result. Raises
+        ExecutorError when a shard failed."""
 
     def describe(self) -> dict: ...
 
@@ -37,8 +42,12 @@ class LocalExecutor:
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         self.shard.allocate_kv(num_blocks, block_size)
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        return self.shard.execute(plan)
+    def submit(self, plan: StepPlan) -> StepResult:
+        return self.shard.execute(plan)  # in-process: done by the time it returns
+
+    def wait_any(self, handles: dict[int, StepResult]) -> tuple[int, StepResult]:
+        key = next(iter(handles))
+        return key, handles[key]
 
     def describe(self) -> dict:
         return {"shards": [self.shard.describe()]}

@@ -6,8 +6,8 @@ on every layer) shares a node, while stages (which pass hidden states once per s
 on different nodes. Another Ray strategy (PACK, SPREAD, STRICT_SPREAD, ...) places all shards
 of a replica as one group instead.
 
-A step is split into micro-batches that flow through the stages as Ray tasks: stage s works
-on micro-batch i+1 while stage s+1 works on micro-batch i, so the stages overlap.
+Each batch flows through the stages as a chain of Ray tasks. The engine keeps several
+batches (lanes) in flight, so stage s works on one batch while stage s+1 works on another.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import replace
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -94,8 +93,6 @@ class RayExecutor:
         check_layout(self.shape, config)
         self.layers = stage_layers(self.shape.num_layers, config.parallel.pipeline_parallel_size,
                                    config.parallel.stage_layers)
-        self.micro_batches = (config.parallel.micro_batches
-                              or config.parallel.pipeline_parallel_size)
         self._kv: tuple[int, int] | None = None
         self.stages: list[list] = []
         self._groups: list = []
@@ -217,40 +214,27 @@ class RayExecutor:
         self._kv = (num_blocks, block_size)
         ray.get([a.allocate_kv.remote(num_blocks, block_size) for a in self._all_shards()])
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        results = []
-        for micro in self._split(plan):
-            hidden = None
-            for stage in self.stages:
-                outs = [shard.execute.remote(micro, hidden) for shard in stage]
-                hidden = outs[0]  # TP rank 0 carries the stage's output
-            results.append(hidden)
-        try:
-            done = ray.get(results, timeout=self.config.parallel.step_timeout_s)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
-            raise ExecutorError(f"a model shard failed during step {plan.step_id}: "
-                                f"{type(e).__name__}: {_first_line(e)}") from e
-        merged = StepResult(plan.step_id)
-        for result in done:
-            merged.tokens.extend(result.tokens)
-        return merged
+    def submit(self, plan: StepPlan) -> ray.ObjectRef:
+        """Chain the plan through the stages; returns the last stage's result reference.
+        Each stage's TP ranks all get the plan; rank 0 passes the hidden states on."""
+        hidden = None
+        for stage in self.stages:
+            outs = [shard.execute.remote(plan, hidden) for shard in stage]
+            hidden = outs[0]
+        return hidden
 
-    def _split(self, plan: StepPlan) -> list[StepPlan]:
-        """Up to `micro_batches` plans with about equal token counts, sequences kept whole."""
-        parts = min(self.micro_batches, len(plan.seqs))
-        if parts <= 1:
-            return [plan]
-        target = plan.num_tokens / parts
-        chunks, current, tokens = [], [], 0
-        for seq in plan.seqs:
-            current.append(seq)
-            tokens += len(seq.token_ids)
-            if tokens >= target * (len(chunks) + 1) and len(chunks) < parts - 1:
-                chunks.append(current)
-                current = []
-        if current:
-            chunks.append(current)
-        return [replace(plan, seqs=chunk) for chunk in chunks]
+    def wait_any(self, handles: dict[int, ray.ObjectRef]) -> tuple[int, StepResult]:
+        keys = {ref: key for key, ref in handles.items()}
+        ready, _ = ray.wait(list(keys), num_returns=1,
+                            timeout=self.config.parallel.step_timeout_s)
+        if not ready:
+            raise ExecutorError(f"no step finished within {self.config.parallel.step_timeout_s}"
+                                "s (parallel.step_timeout_s); a shard is stuck")
+        try:
+            return keys[ready[0]], ray.get(ready[0])
+        except ray.exceptions.RayError as e:
+            raise ExecutorError(f"a model shard failed: {type(e).__name__}: "
+                                f"{_first_line(e)}") from e
 
     def stats(self) -> list[dict]:
         """Per shard: busy seconds and steps (micro-batches) run, for bubble measurements."""

@@ -11,6 +11,11 @@ are freed and it waits at the head of the queue to be recomputed.
 
 Static batching (the baseline): a batch is admitted only when the previous one has finished
 entirely, so early finishers leave their slots idle until the longest member ends.
+
+Lanes: with pipeline parallelism several batches are in flight at once, one per lane, so that
+every stage has work. Each running sequence belongs to one lane; a lane is scheduled only
+when its previous batch has come back, and preempts only its own sequences (the others may be
+in flight).
 """
 
 from __future__ import annotations
@@ -36,15 +41,16 @@ class ScheduledSequence:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: str = "continuous"):
+                 policy: str = "continuous", num_lanes: int = 1):
         if policy not in POLICIES:
             raise ValueError(f"scheduler policy must be one of {POLICIES}, got {policy!r}")
         self.kv = kv
-        self.max_num_seqs = max_num_seqs
+        self.max_seqs_per_lane = -(-max_num_seqs // num_lanes)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
+        self.num_lanes = num_lanes
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order, every lane
         # Admitting only while a few blocks stay free keeps new prompts from immediately
         # forcing running sequences out (thrashing).
         self.watermark = max(1, kv.num_blocks // 100)
@@ -66,17 +72,18 @@ class Scheduler:
         seq.finish_reason = reason
         self.kv.free(seq.seq_id)
 
-    def schedule(self) -> list[ScheduledSequence]:
+    def schedule(self, lane: int = 0) -> list[ScheduledSequence]:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
+        running = [s for s in self.running if s.lane == lane]
         preempted = False
 
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        while i < len(running) and budget > 0:
+            seq = running[i]
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n):
-                victim = self.running[-1]
+                victim = running.pop()
                 self.preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -86,29 +93,28 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        if self.policy == "static" and self.running:
+        if preempted or (self.policy == "static" and running):
+            # Short of memory: let the running sequences drain before admitting more. A static
+            # batch admits nothing until it has finished.
             return scheduled
-        if preempted:
-            return scheduled  # memory is short: let the running sequences drain first
-        if self.policy == "static":
-            # Admit a whole batch at once; its prompts are computed over the next steps.
-            while self.waiting and len(self.running) < self.max_num_seqs:
-                seq = self.waiting.popleft()
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
-            return scheduled or (self.schedule() if self.running else [])
-
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(running) < self.max_seqs_per_lane:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n,
-                                    reserve=self.watermark if self.running else 0):
+            if self.policy == "static":
+                n = 0  # a static batch is admitted whole; its prompts are computed next step
+            elif not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n,
+                                      reserve=self.watermark if self.running else 0):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            seq.lane = lane
             self.running.append(seq)
-            scheduled.append(ScheduledSequence(seq, n))
-            budget -= n
+            running.append(seq)
+            if n:
+                scheduled.append(ScheduledSequence(seq, n))
+                budget -= n
+        if self.policy == "static" and not scheduled and running:
+            return self.schedule(lane)
         return scheduled
 
     def preempt(self, seq: Sequence) -> None:

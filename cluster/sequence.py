@@ -30,6 +30,7 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     num_failures: int = 0  # shard failures this request was caught in
+    lane: int = 0  # which in-flight batch it runs in (pipeline parallelism), see scheduler
 
     @property
     def num_tokens(self) -> int:
