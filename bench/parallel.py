@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.workload import make_workload  # noqa: E402
 from shardserve import LLM, SamplingParams  # noqa: E402
+from shardserve.cluster.launch import ensure_ray  # noqa: E402
 
 LAYOUTS = [  # (tensor_parallel_size, pipeline_parallel_size, micro_batches)
     (1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 2, 2), (1, 2, 4), (2, 2, 2)]
@@ -72,7 +73,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(include_dashboard=False, object_store_memory=512 * 1024 ** 2)
+    ensure_ray()  # a new local cluster
     requests = make_workload(args.num_requests, prompt_len=(32, 256), output_len=(32, 96))
     rows = []
     for tp, pp, micro in LAYOUTS:

@@ -40,8 +40,11 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # A plain ray.init() reserves 30% of RAM for the object store; hidden states are small.
-        ray.init(include_dashboard=False, object_store_memory=512 * 1024 ** 2)
+        # address="local": a new cluster even when another one runs on this node (a plain
+        # ray.init() would join it). Its object store is sized for hidden states, not the
+        # default 30% of RAM.
+        ray.init(address="local", include_dashboard=False,
+                 object_store_memory=512 * 1024 ** 2)
 
 
 def stage_layers(num_layers: int, pp: int, layers_per_stage: list[int] | None
