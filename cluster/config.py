@@ -40,7 +40,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Layers per pipeline stage, e.g. [14, 16]; None splits them evenly.
     stage_layers: list[int] | None = None
-    # Micro-batches in flight through the pipeline; None means one per stage.
+    # Batches in flight through the pipeline at once (each its own set of sequences, sent
+    # again as soon as its previous step returns); None means one per stage.
     micro_batches: int | None = None
     # Independent copies of the whole model, each with its own shards and KV pool.
     replicas: int = 1
