@@ -148,8 +148,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.TokenizeResponse(token_ids=ids, tokens=tokenizer.convert_ids_to_tokens(ids))
 
 
+# A health service name that is SERVING whenever the process answers, for liveness probes:
+# while the shards are down (and being restarted) "" is NOT_SERVING, which should take the
+# server out of rotation, not get it killed.
+LIVENESS_SERVICE = "liveness"
+
+
 class HealthReporter:
-    """grpc.health.v1: SERVING while every engine's shards are up."""
+    """grpc.health.v1: "" and the Generation service are SERVING while every engine's shards
+    are up; "liveness" always is."""
 
     def __init__(self, servicer: health.aio.HealthServicer):
         self.servicer = servicer
@@ -174,5 +181,6 @@ async def start_grpc_server(router: Router, model_name: str, host: str, port: in
         raise RuntimeError(f"cannot listen on {host}:{port} (in use?); set server.port")
     await server.start()
     reporter = HealthReporter(health_servicer)
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await reporter.set(router.healthy)
     return server, bound, reporter

@@ -172,8 +172,9 @@ def test_head_runs_ray_and_the_server_with_grpc_probes(which, default_manifests,
     script = " ".join(head["command"] + head["args"])
     assert "ray start --head --port=6379" in script
     assert "exec shardserve serve --address auto --config /etc/shardserve/config.yaml" in script
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert head[probe]["grpc"] == {"port": 50051}, probe
+    assert head["livenessProbe"]["grpc"] == {"port": 50051, "service": "liveness"}
     # Model loading takes minutes: the startup probe must allow for it.
     startup = head["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600

@@ -168,6 +168,8 @@ def test_a_host_cut_off_ends_its_requests_and_the_server_stays_up(hosts):
     deadline = time.time() + 30
     while client_call(hosts_, health, target).strip() != "NOT_SERVING":
         assert time.time() < deadline, "health never turned NOT_SERVING"
+    liveness = health.replace(".health()", '.health("liveness")')
+    assert client_call(hosts_, liveness, target).strip() == "SERVING"
 
     # The host comes back: a fresh Ray node joins and the server recovers by itself.
     hosts_["w2"].reconnect()

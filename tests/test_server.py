@@ -69,6 +69,7 @@ def test_health_reports_serving(server):
     client, _ = server
     assert client.health() == "SERVING"
     assert client.health("shardserve.v1.Generation") == "SERVING"
+    assert client.health("liveness") == "SERVING"
 
 
 def test_concurrent_streams_get_what_the_offline_api_gives(server, tiny_model):
