@@ -25,9 +25,9 @@ from shardserve.workers.loader import resolve_model  # noqa: E402
 
 
 def run_shardserve(requests: list[BenchRequest], dtype: str, policy: str, batch: int,
-                   model: str) -> float:
+                   model: str, budget: int) -> float:
     llm = LLM(model, dtype=dtype, scheduling_policy=policy, max_num_seqs=batch,
-              kv_cache_memory="4GiB")
+              max_num_batched_tokens=budget, kv_cache_memory="4GiB")
     params = [SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)
               for r in requests]
     start = time.perf_counter()
@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--systems", default="continuous,static,transformers")
     parser.add_argument("--batch", type=int, default=16, help="static batch size")
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                        help="tokens per step (1024 suits a few CPU cores; GPUs want more)")
     parser.add_argument("--out", default="bench/results/throughput.json")
     args = parser.parse_args()
 
@@ -81,9 +83,10 @@ def main() -> None:
         for system in args.systems.split(","):
             if system == "continuous":
                 wall = run_shardserve(requests, dtype, "continuous", args.max_num_seqs,
-                                      args.model)
+                                      args.model, args.max_num_batched_tokens)
             elif system == "static":
-                wall = run_shardserve(requests, dtype, "static", args.batch, args.model)
+                wall = run_shardserve(requests, dtype, "static", args.batch, args.model,
+                                      args.max_num_batched_tokens)
             else:
                 wall = run_transformers(requests, dtype, args.batch, args.model)
             rows.append({"dtype": dtype, "system": system, "wall_s": round(wall, 1),
