@@ -4,15 +4,15 @@ Per layer the cache is two tensors of shape [kv_heads, num_blocks, block_size, h
 Heads lead so that gathering a batch's blocks (`index_select` on dim 1) yields keys already in
 [kv_heads, batch, context, head_dim] order, ready for SDPA without another copy.
 
-Decodes (one new token each) are attended together in one SDPA call over their gathered,
-padded contexts; each prefill chunk is attended on its own with a causal mask. Fast fused
-kernels can replace `paged_attention` later without touching the model code.
+Decodes (one new token each) are attended together: on CPU by a C kernel that reads the
+blocks in place (`workers/kernels/`), elsewhere by one SDPA call over their gathered, padded
+contexts. Each prefill chunk is attended on its own with SDPA and a causal mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ class HeadLayout:
     def num_kv(self) -> int:
         return self.kv_end - self.kv_start
 
-    @property
+    @cached_property
     def uniform(self) -> bool:
         """Every KV head serves the same number of consecutive query heads (plain GQA)."""
         if self.num_q % self.num_kv:
@@ -160,7 +160,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_cache.view(num_kv, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_cache.view(num_kv, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
-    kv_of_q = None if heads.uniform else torch.tensor(heads.kv_of_q, device=q.device)
+    # Only an uneven head split needs query heads mapped to KV heads by index.
+    kv_of_q = None if heads.uniform else _kv_of_q_tensor(heads, q.device)
 
     if meta.num_decode:
         q_dec, out_dec = q[:meta.num_decode], out[:meta.num_decode]
@@ -198,7 +199,7 @@ def _decode_native(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: Hea
     if lib is None:
         return False
     num_kv, num_blocks, block_size, head_dim = k_cache.shape
-    kv_of_q = _kv_of_q_tensor(heads)
+    kv_of_q = _kv_of_q_tensor(heads, q.device)
     status = lib.paged_decode_attention(
         out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         meta.decode_block_ids.data_ptr(), meta.decode_blocks_per_seq,
@@ -209,8 +210,9 @@ def _decode_native(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: Hea
 
 
 @lru_cache(maxsize=None)
-def _kv_of_q_tensor(heads: HeadLayout) -> torch.Tensor:
-    return torch.tensor(heads.kv_of_q, dtype=torch.long)
+def _kv_of_q_tensor(heads: HeadLayout, device: torch.device) -> torch.Tensor:
+    """Made once per layout, not once per layer and step."""
+    return torch.tensor(heads.kv_of_q, dtype=torch.long, device=device)
 
 
 def _decode_torch(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: HeadLayout,
