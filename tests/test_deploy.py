@@ -1,6 +1,7 @@
-"""deploy/, offline: every serving config loads with the real loader and has the layout its
-name promises; the `ray up` cluster files pass Ray's own validation; nothing in deploy/ or
-helm/ stops or tears down a Ray cluster; the paths the docs name exist."""
+"""deploy/ and the README, offline: every serving config loads with the real loader and has
+the layout its name promises; the `ray up` cluster files pass Ray's own validation; nothing in
+deploy/ or helm/ stops or tears down a Ray cluster; the paths the docs name exist; the README's
+config block matches the loader."""
 
 from __future__ import annotations
 
@@ -130,3 +131,19 @@ def test_dockerfile_copies_what_exists():
     paths = [s for line in sources for s in line.split()]
     assert paths
     assert [p for p in paths if not (REPO / p).exists()] == []
+
+
+def test_readme_config_block_is_every_key_with_its_default(tmp_path):
+    """The README's configuration block is what a newcomer copies: it must load, and list
+    every key the loader knows with the loader's own default."""
+    from dataclasses import asdict
+
+    from shardserve.cluster.config import EngineConfig, ServerConfig, load_config
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("Every key with its default:\n\n```yaml\n")[1].split("```")[0]
+    path = tmp_path / "readme.yaml"
+    path.write_text(block)
+    engine, server = load_config(path)
+    assert yaml.safe_load(block) == {**asdict(EngineConfig()), "server": asdict(ServerConfig())}
+    assert (engine, server) == (EngineConfig(), ServerConfig())
