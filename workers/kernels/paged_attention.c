@@ -100,25 +100,36 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return total;
 }
 
-/* acc[0:n] = acc * correction + sum_t p[t] * rows[t][0:n], rows of stride n. The token loop is
- * inside so that a chunk of acc stays in registers across tokens. */
+/* acc[0:n] = acc * correction + sum_t p[t] * rows[t][0:n], rows of stride n. Even and odd
+ * tokens go to separate accumulators, so consecutive FMAs do not wait on each other. */
 static inline void accumulate(float *acc, float correction, const float *p, const float *rows,
                               int64_t lo, int64_t hi, int64_t n) {
     int64_t d = 0;
     for (; d + 32 <= n; d += 32) {
-        v8 a0 = LOAD8(acc + d) * correction, a1 = LOAD8(acc + d + 8) * correction;
-        v8 a2 = LOAD8(acc + d + 16) * correction, a3 = LOAD8(acc + d + 24) * correction;
-        for (int64_t t = lo; t < hi; t++) {
-            const float *r = rows + t * n + d;
-            a0 += p[t] * LOAD8(r);
-            a1 += p[t] * LOAD8(r + 8);
-            a2 += p[t] * LOAD8(r + 16);
-            a3 += p[t] * LOAD8(r + 24);
+        v8 e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0}, o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
+        int64_t t = lo;
+        for (; t + 2 <= hi; t += 2) {
+            const float *r = rows + t * n + d, *s = r + n;
+            e0 += p[t] * LOAD8(r);
+            e1 += p[t] * LOAD8(r + 8);
+            e2 += p[t] * LOAD8(r + 16);
+            e3 += p[t] * LOAD8(r + 24);
+            o0 += p[t + 1] * LOAD8(s);
+            o1 += p[t + 1] * LOAD8(s + 8);
+            o2 += p[t + 1] * LOAD8(s + 16);
+            o3 += p[t + 1] * LOAD8(s + 24);
         }
-        *(v8u *)(acc + d) = a0;
-        *(v8u *)(acc + d + 8) = a1;
-        *(v8u *)(acc + d + 16) = a2;
-        *(v8u *)(acc + d + 24) = a3;
+        if (t < hi) {
+            const float *r = rows + t * n + d;
+            e0 += p[t] * LOAD8(r);
+            e1 += p[t] * LOAD8(r + 8);
+            e2 += p[t] * LOAD8(r + 16);
+            e3 += p[t] * LOAD8(r + 24);
+        }
+        *(v8u *)(acc + d) = LOAD8(acc + d) * correction + (e0 + o0);
+        *(v8u *)(acc + d + 8) = LOAD8(acc + d + 8) * correction + (e1 + o1);
+        *(v8u *)(acc + d + 16) = LOAD8(acc + d + 16) * correction + (e2 + o2);
+        *(v8u *)(acc + d + 24) = LOAD8(acc + d + 24) * correction + (e3 + o3);
     }
     for (; d < n; d++) {
         float a = acc[d] * correction;
@@ -127,12 +138,90 @@ static inline void accumulate(float *acc, float correction, const float *p, cons
     }
 }
 
+/* Eight dot products at once: scores[t] = q . rows[t] for t in 0..7 (rows of stride n). Each
+ * token keeps a vector of partial sums; a shuffle tree then adds the eight vectors across
+ * their lanes together, instead of eight separate horizontal sums. */
+#if defined(__clang__) || __GNUC__ >= 12
+#define HAVE_SHUFFLEVECTOR 1
+#define PAIRWISE(a, b, ...) (__builtin_shufflevector(a, b, __VA_ARGS__))
+static inline v8 dot8(const float *q, const float *rows, int64_t n) {
+    v8 a[8] = {{0}};
+    for (int64_t d = 0; d < n; d += 8) {
+        const v8 qd = LOAD8(q + d);
+        for (int t = 0; t < 8; t++) a[t] += qd * LOAD8(rows + t * n + d);
+    }
+    v8 b[4], c[2];
+    for (int i = 0; i < 4; i++)
+        b[i] = PAIRWISE(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               PAIRWISE(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; i++)
+        c[i] = PAIRWISE(b[2 * i], b[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               PAIRWISE(b[2 * i], b[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return PAIRWISE(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           PAIRWISE(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+#endif
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* exp on eight lanes, for x <= 0: x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor series
+ * to r^6 (relative error ~1e-7), times 2^n built in the exponent bits. */
+static inline v8 exp8(v8 x) {
+    const v8 lo = {-87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f};
+    const v8i below = x < lo; /* there exp underflows float's normal range */
+    x = (v8)(((v8i)lo & below) | ((v8i)x & ~below));
+    const v8 magic = {12582912.f, 12582912.f, 12582912.f, 12582912.f, 12582912.f, 12582912.f,
+                      12582912.f, 12582912.f}; /* 1.5 * 2^23: adding it rounds to an integer */
+    const v8 shifted = x * 1.44269504f + magic;
+    const v8 n = shifted - magic;
+    const v8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* ln2 split in two parts */
+    v8 p = r * (1.f / 720) + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const v8i bits = ((v8i)shifted - 0x4B400000 + 127) << 23;
+    return p * (v8)bits;
+}
+
+/* Scores of tokens [lo, hi) of a block for one query head, softmax-weighted into acc with the
+ * running max m and sum l updated (online softmax). */
+static inline void attend_block(const float *q, const float *keys, const float *values,
+                                float *scores, float *acc, float *m, float *l, int64_t lo,
+                                int64_t hi, int64_t D, float scale) {
+    int64_t t = lo;
+#ifdef HAVE_SHUFFLEVECTOR
+    if (D % 8 == 0)
+        for (; t + 8 <= hi; t += 8) *(v8u *)(scores + t) = dot8(q, keys + t * D, D) * scale;
+#endif
+    for (; t < hi; t++) scores[t] = dot(q, keys + t * D, D) * scale;
+    float block_max = *m;
+    for (t = lo; t < hi; t++)
+        if (scores[t] > block_max) block_max = scores[t];
+    const float correction = expf(*m - block_max);
+    float sum = *l * correction;
+    t = lo;
+    for (; t + 8 <= hi; t += 8) {
+        const v8 p = exp8(LOAD8(scores + t) - block_max);
+        *(v8u *)(scores + t) = p;
+        sum += ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+    }
+    for (; t < hi; t++) {
+        scores[t] = expf(scores[t] - block_max);
+        sum += scores[t];
+    }
+    *l = sum;
+    *m = block_max;
+    accumulate(acc, correction, scores, values, lo, hi, D);
+}
+
 static void *worker(void *arg) {
     const job_t *j = (const job_t *)arg;
     const int64_t D = j->head_dim, BS = j->block_size;
     static __thread float q[MAX_GROUP * MAX_HEAD_DIM], acc[MAX_GROUP * MAX_HEAD_DIM];
     static __thread float kbuf[MAX_BLOCK * MAX_HEAD_DIM], vbuf[MAX_BLOCK * MAX_HEAD_DIM];
-    static __thread float scores[MAX_GROUP * MAX_BLOCK];
+    static __thread float scores[MAX_BLOCK];
     float m[MAX_GROUP], l[MAX_GROUP];
     int64_t heads[MAX_GROUP];
     for (int64_t item = j->item_begin; item < j->item_end; item++) {
@@ -169,22 +258,9 @@ static void *worker(void *arg) {
             }
             const float *keys = as_f32(j->dtype, j->k_cache, base, BS * D, kbuf);
             const float *values = as_f32(j->dtype, j->v_cache, base, BS * D, vbuf);
-            for (int64_t i = 0; i < g; i++) {
-                float *si = scores + i * BS;
-                float block_max = m[i];
-                for (int64_t t = lo; t < hi; t++) {
-                    si[t] = dot(q + i * D, keys + t * D, D) * j->scale;
-                    if (si[t] > block_max) block_max = si[t];
-                }
-                const float correction = expf(m[i] - block_max);
-                l[i] *= correction;
-                m[i] = block_max;
-                for (int64_t t = lo; t < hi; t++) {
-                    si[t] = expf(si[t] - block_max);
-                    l[i] += si[t];
-                }
-                accumulate(acc + i * D, correction, si, values, lo, hi, D);
-            }
+            for (int64_t i = 0; i < g; i++)
+                attend_block(q + i * D, keys, values, scores, acc + i * D, &m[i], &l[i], lo,
+                             hi, D, j->scale);
         }
         for (int64_t i = 0; i < g; i++) {
             float *ai = acc + i * D;
@@ -212,7 +288,6 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
     if (num_threads > 64) num_threads = 64;
     if (num_threads > items) num_threads = (int)items;
     job_t jobs[64];
-    pthread_t threads[64];
     for (int t = 0; t < num_threads; t++) {
         job_t jb = {out, q, k_cache, v_cache, block_tables, context_lens, kv_of_q,
                     num_q_heads, num_kv_heads, num_blocks, block_size, head_dim, max_blocks,
@@ -220,6 +295,13 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
                     items * (t + 1) / num_threads};
         jobs[t] = jb;
     }
+#ifdef _OPENMP
+    /* Built against the OpenMP runtime torch has loaded: its worker threads run the shares,
+     * instead of spinning (as OpenMP threads do between parallel regions) beside ours. */
+#pragma omp parallel for num_threads(num_threads) schedule(static, 1)
+    for (int t = 0; t < num_threads; t++) worker(&jobs[t]);
+#else
+    pthread_t threads[64];
     int started = 0;
     for (int t = 1; t < num_threads; t++) {
         if (pthread_create(&threads[t], NULL, worker, &jobs[t]) != 0) break;
@@ -229,5 +311,6 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
     /* Shares of threads that could not be started are done here. */
     for (int t = started + 1; t < num_threads; t++) worker(&jobs[t]);
     for (int t = 1; t <= started; t++) pthread_join(threads[t], NULL);
+#endif
     return 0;
 }

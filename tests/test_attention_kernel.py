@@ -1,0 +1,77 @@
+"""The native paged decode kernel gives what the torch path gives, for every shape it takes:
+block sizes below and above its 8-token vector width, head dims that are and are not multiples
+of its vector width, MHA / GQA / MQA and uneven TP head splits, sliding windows, three dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardserve.workers.kernels import paged_decode_library
+from shardserve.workers.layers import attention as A
+from shardserve.workers.step import SamplingParams, SequenceStep
+
+if paged_decode_library() is None:
+    pytest.skip("no C compiler: the native kernel is not built here", allow_module_level=True)
+
+
+def decode_batch(context_lens: list[int], block_size: int, num_blocks: int, seed: int):
+    """One decode step per sequence, each with its blocks scattered over the pool."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    seqs, used = [], 0
+    for i, ctx in enumerate(context_lens):
+        n = -(-ctx // block_size)
+        seqs.append(SequenceStep(i, [1], ctx - 1, order[used:used + n], True, SamplingParams(),
+                                 0, 0))
+        used += n
+    return seqs
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads, tp_rank, tp_size", [
+    (4, 4, 0, 1),  # MHA
+    (9, 3, 0, 1),  # GQA, SmolLM2's shape
+    (8, 1, 0, 1),  # MQA
+    (9, 3, 1, 2),  # uneven TP split: rank 1 holds heads 5..8, KV heads 1..2
+])
+@pytest.mark.parametrize("block_size, head_dim", [(16, 64), (4, 64), (8, 80), (32, 36)])
+def test_native_decode_matches_torch(num_heads, num_kv_heads, tp_rank, tp_size, block_size,
+                                     head_dim):
+    heads = A.HeadLayout.for_rank(num_heads, num_kv_heads, tp_size, tp_rank)
+    context_lens = [1, 7, 8, 9, 33, 100, 257]
+    num_blocks = sum(-(-c // block_size) for c in context_lens) + 5
+    for window in (None, 20):
+        seqs = decode_batch(context_lens, block_size, num_blocks, seed=block_size + head_dim)
+        ws = A.Workspace(torch.float32, torch.device("cpu"))
+        meta = A.build_metadata(seqs, block_size, window, ws, torch.device("cpu"))
+        g = torch.Generator().manual_seed(3)
+        # Scores spread over a wide range, so the exponential sees large negative arguments.
+        q = torch.randn(len(seqs), heads.num_q, head_dim, generator=g) * 4
+        k_cache = torch.randn(heads.num_kv, num_blocks, block_size, head_dim, generator=g)
+        v_cache = torch.randn(heads.num_kv, num_blocks, block_size, head_dim, generator=g)
+        scale = head_dim ** -0.5
+        kv_of_q = None if heads.uniform else A._kv_of_q_tensor(heads, q.device)
+        expected = torch.empty_like(q)
+        A._decode_torch(q, expected, k_cache, v_cache, meta, heads, scale, kv_of_q)
+        got = torch.full_like(q, float("nan"))
+        assert A._decode_native(q, got, k_cache, v_cache, meta, heads, scale, window)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_decode_half_precision(dtype):
+    heads = A.HeadLayout.for_rank(9, 3, 1, 0)
+    context_lens = [5, 16, 70]
+    seqs = decode_batch(context_lens, 16, 12, seed=0)
+    meta = A.build_metadata(seqs, 16, None, A.Workspace(torch.float32, torch.device("cpu")),
+                            torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 9, 64, generator=g).to(dtype)
+    k_cache = torch.randn(3, 12, 16, 64, generator=g).to(dtype)
+    v_cache = torch.randn(3, 12, 16, 64, generator=g).to(dtype)
+    expected = torch.empty(3, 9, 64)
+    A._decode_torch(q.float(), expected, k_cache.float(), v_cache.float(), meta, heads, 0.125,
+                    None)
+    got = torch.empty_like(q)
+    assert A._decode_native(q, got, k_cache, v_cache, meta, heads, 0.125, None)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
