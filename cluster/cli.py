@@ -1,7 +1,7 @@
 """The `shardserve` command.
 
     shardserve serve [--config deploy/cpu-single-node.yaml] [--address auto|HOST:PORT]
-    shardserve generate "prompt" [--stream] [--max-tokens N] [--target HOST:PORT]
+    shardserve generate "prompt" [--chat] [--stream] [--max-tokens N] [--target HOST:PORT]
     shardserve plan --model DIR [--dtype float16] [--memory 16GiB] [--seq-len 4096]
 """
 
@@ -86,6 +86,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .client import Client
 
+    prompt = args.prompt
+    if args.chat or args.system:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
     options = {"max_tokens": args.max_tokens, "temperature": args.temperature,
                "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
                "stop": args.stop or None}
@@ -93,14 +97,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             if args.stream:
                 final = None
-                for chunk in client.generate_stream(args.prompt, **options):
+                for chunk in client.generate_stream(prompt, **options):
                     print(chunk.text, end="", flush=True)
                     final = chunk
                 print()
                 usage = final.usage if final else None
                 reason = final.finish_reason if final else 0
             else:
-                response = client.generate(args.prompt, **options)
+                response = client.generate(prompt, **options)
                 print(response.text)
                 usage, reason = response.usage, response.finish_reason
         except grpc.RpcError as e:
@@ -142,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user message through the model's chat template")
+    gen.add_argument("--system", help="a system message to go before it (implies --chat)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--top-p", type=float, default=None)

@@ -3,6 +3,8 @@
     from shardserve.cluster.client import Client
     with Client("127.0.0.1:50051") as client:
         print(client.generate("The capital of France is", max_tokens=8, temperature=0).text)
+        chat = [{"role": "user", "content": "What is the capital of France?"}]
+        print(client.generate(chat, max_tokens=32, temperature=0).text)
         for chunk in client.generate_stream("Once upon a time", max_tokens=32):
             print(chunk.text, end="", flush=True)
 """
@@ -21,13 +23,19 @@ _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "logp
                     "stop", "stop_token_ids", "ignore_eos", "request_id")
 
 
-def build_request(prompt: str | list[int], **options) -> pb.GenerateRequest:
+Prompt = str | list[int] | list[dict[str, str]]
+
+
+def build_request(prompt: Prompt, **options) -> pb.GenerateRequest:
+    """prompt: text, token ids, or chat messages ({"role": ..., "content": ...} each)."""
     unknown = set(options) - set(_SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
     request = pb.GenerateRequest(**{k: v for k, v in options.items() if v is not None})
     if isinstance(prompt, str):
         request.text = prompt
+    elif prompt and isinstance(prompt[0], dict):
+        request.chat.messages.extend(pb.ChatMessage(**m) for m in prompt)
     else:
         request.token_ids.ids.extend(prompt)
     return request
@@ -40,12 +48,12 @@ class Client:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
 
-    def generate(self, prompt: str | list[int], timeout: float | None = None,
+    def generate(self, prompt: Prompt, timeout: float | None = None,
                  **options) -> pb.GenerateResponse:
         return self.stub.Generate(build_request(prompt, **options),
                                   timeout=timeout or self.timeout)
 
-    def generate_stream(self, prompt: str | list[int], timeout: float | None = None,
+    def generate_stream(self, prompt: Prompt, timeout: float | None = None,
                         **options) -> Iterator[pb.GenerateStreamResponse]:
         """Messages as they arrive; `.cancel()` on the returned iterator cancels the request."""
         return self.stub.GenerateStream(build_request(prompt, **options),

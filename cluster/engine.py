@@ -110,6 +110,28 @@ class Engine:
             return self.tokenizer(prompt).input_ids if prompt else []
         return list(prompt)
 
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation as prompt tokens, through the model's chat template, ending with the
+        opening of the assistant's turn. Raises ValueError saying what to change."""
+        if not self.tokenizer.chat_template:
+            raise ValueError("this model has no chat template: send the prompt as text or "
+                             "token ids")
+        if not messages:
+            raise ValueError("chat has no messages: give at least one")
+        for i, m in enumerate(messages):
+            if not (isinstance(m.get("role"), str) and m["role"]
+                    and isinstance(m.get("content"), str)):
+                raise ValueError(f"chat message {i} needs a non-empty role and a content string")
+        from jinja2.exceptions import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=False)
+        except TemplateError as e:
+            raise ValueError(f"the model's chat template refused the messages: {e}") from None
+        # The template writes the special tokens itself.
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError saying what to change; nothing is queued for a bad request."""
         vocab = self.shape.vocab_size

@@ -4,6 +4,7 @@
     llm = LLM()                                   # SmolLM2-135M, no download
     out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
     print(out[0].text, out[0].token_ids, out[0].finish_reason)
+    llm.chat([{"role": "user", "content": "What is the capital of France?"}])
 
 Prompts are text or lists of token ids. With more than one shard (tensor or pipeline
 parallelism) or `use_ray=True`, the shards run as Ray actors on the current Ray cluster
@@ -87,6 +88,16 @@ class LLM:
                         logprobs[out.request_id] if out.logprobs is not None else None,
                         out.num_preemptions)
         return [results[i] for i in ids]
+
+    def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             ) -> list[CompletionResult]:
+        """Answer one conversation ([{"role": "user", "content": "..."}, ...]) or a list of
+        them; the model's chat template turns each into its prompt."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([self.engine.tokenize_chat(c) for c in conversations],
+                             sampling_params)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

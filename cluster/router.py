@@ -198,6 +198,9 @@ class Router:
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         return self.engine.tokenize(prompt)
 
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.engine.tokenize_chat(messages)
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         try:
             self.engine.validate(prompt_token_ids, params)

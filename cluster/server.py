@@ -58,9 +58,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         """Validate and submit; aborts the RPC with the right status on bad input."""
         try:
             params = sampling_params(request)
-            prompt = request.text if request.WhichOneof("prompt") == "text" else list(
-                request.token_ids.ids)
-            token_ids = self.router.tokenize(prompt)
+            kind = request.WhichOneof("prompt")
+            if kind == "chat":
+                token_ids = self.router.tokenize_chat(
+                    [{"role": m.role, "content": m.content} for m in request.chat.messages])
+            else:
+                token_ids = self.router.tokenize(
+                    request.text if kind == "text" else list(request.token_ids.ids))
             self.router.validate(token_ids, params)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

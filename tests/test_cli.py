@@ -68,6 +68,17 @@ def test_generate_and_stream(served):
     assert streamed.stdout.split() == unary.stdout.split()
 
 
+def test_generate_chat(served):
+    _, target, _ = served
+    # --system w10 + "w12" through the tiny template: w3 w10 w4 w12 w5 (tests/tiny.py).
+    result = generate(target, "w12", "--system", "w10", "--max-tokens", "3", "--temperature",
+                      "0")
+    assert result.returncode == 0, result.stderr
+    assert "[length: 5 prompt + 3 generated tokens]" in result.stderr
+    chat = generate(target, "w12", "--chat", "--max-tokens", "3", "--temperature", "0")
+    assert "[length: 3 prompt + 3 generated tokens]" in chat.stderr
+
+
 def test_generate_reports_bad_input(served):
     _, target, _ = served
     result = generate(target, "w5", "--max-tokens", "0")

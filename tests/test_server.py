@@ -153,6 +153,8 @@ def test_deadline_is_honoured(server):
     ([7], {"top_k": -1}, "top_k must be an integer >= 0"),
     ([7], {"stop_token_ids": [123456]}, "not in the vocabulary"),
     ([7, 99999], {}, "outside the vocabulary"),
+    ([{"role": "robot", "content": "w1"}], {}, "chat template refused the messages"),
+    ([{"content": "w1"}], {}, "chat message 0 needs a non-empty role"),
 ])
 def test_bad_input_is_invalid_argument(server, prompt, options, message):
     client, _ = server
@@ -162,6 +164,24 @@ def test_bad_input_is_invalid_argument(server, prompt, options, message):
             call()
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert re.search(message, err.value.details())
+
+
+def test_chat_goes_through_the_template_and_matches_the_offline_api(server, tiny_model):
+    client, _ = server
+    chat = [{"role": "system", "content": "w10 w11"}, {"role": "user", "content": "w12 w13"}]
+    offline = LLM(str(tiny_model("llama-gqa")), dtype="float32").chat(
+        chat, SamplingParams(max_tokens=6, temperature=0))[0]
+    response = client.generate(chat, max_tokens=6, temperature=0)
+    assert list(response.token_ids) == offline.token_ids
+    # w3 w10 w11 w4 w12 w13 w5: the roles and the assistant's opening from the template
+    assert response.usage.prompt_tokens == len(offline.prompt_token_ids) == 7
+    streamed = [t for chunk in client.generate_stream(chat, max_tokens=6, temperature=0)
+                for t in chunk.token_ids]
+    assert streamed == offline.token_ids
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Generate(pb.GenerateRequest(chat=pb.Chat()))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "chat has no messages" in err.value.details()
 
 
 def test_duplicate_request_id_in_flight_is_rejected(server):

@@ -26,7 +26,11 @@ def test_greedy_continuations_match_transformers(smollm2_dir):
         expected.append(out[0, ids.shape[1]:].tolist())
 
     llm = LLM("smollm2", dtype="float32", kv_cache_memory="512MiB")
-    results = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0))
+    greedy = SamplingParams(max_tokens=20, temperature=0)
+    results = llm.generate(prompts, greedy)
     assert [r.token_ids for r in results] == expected
     assert "Paris" in results[3].text and results[3].finish_reason == "stop"
+    # The chat API builds the same prompt from the messages.
+    answer = llm.chat([{"role": "user", "content": "What is the capital of France?"}], greedy)[0]
+    assert answer.token_ids == expected[3] and answer.text == results[3].text
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks

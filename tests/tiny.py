@@ -25,6 +25,16 @@ VARIANTS = {
 }
 
 
+# Roles are the words w3 (system), w4 (user), w5 (assistant); the assistant's turn opens with w5.
+CHAT_TEMPLATE = (
+    "{% set roles = {'system': 'w3', 'user': 'w4', 'assistant': 'w5'} %}"
+    "{% for m in messages %}"
+    "{% if m['role'] not in roles %}{{ raise_exception('unknown role ' ~ m['role']) }}{% endif %}"
+    "{{ roles[m['role']] }} {{ m['content'] }} "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}w5{% endif %}")
+
+
 def word_tokenizer() -> PreTrainedTokenizerFast:
     """Token i is the word w{i}; text and ids map one to one, which makes stop strings exact."""
     vocab = {f"w{i}": i for i in range(VOCAB)}
@@ -32,7 +42,9 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     from tokenizers import decoders
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=f"w{EOS}")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=f"w{EOS}")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def make_tiny_model(path: Path, variant: str, seed: int = 0, eos_token_id: int = EOS,

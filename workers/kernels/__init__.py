@@ -3,8 +3,8 @@
 The library is built with -march=native for the machine it runs on and cached under
 <cache>/kernels/<digest>, the digest covering the source, the flags and the CPU model, so a
 cache shared between different machines never serves a wrong binary. Where torch runs on
-libgomp, the kernel is built with OpenMP and runs on torch's own worker threads. Without a compiler the
-callers fall back to their torch implementations (and say so once in the log).
+libgomp, the kernel is built with OpenMP and runs on torch's own worker threads. Without a
+compiler the callers fall back to their torch implementations (and say so once in the log).
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ def _torch_openmp_flags() -> list[str]:
     none) the kernel starts its own threads."""
     try:
         with open("/proc/self/maps") as f:
-            return ["-fopenmp"] if any(line.rstrip().endswith("/libgomp.so.1") for line in f) else []
+            loaded = any(line.rstrip().endswith("/libgomp.so.1") for line in f)
     except OSError:
         return []
+    return ["-fopenmp"] if loaded else []
 
 
 def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
