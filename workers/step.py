@@ -39,9 +39,9 @@ class SamplingParams:
         """Raise ValueError naming the field and what to change."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature < 0:
+        if not 0 <= self.temperature < float("inf"):  # NaN fails this too
             raise ValueError(
-                f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+                f"temperature must be a number >= 0 (0 means greedy), got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
