@@ -4,7 +4,8 @@
  * One query token per sequence. Keys and values are read in place from their blocks (no
  * gather into a padded copy), and each (sequence, KV head) pair is one work item: the query
  * heads that share the KV head are processed together, so every key and value is loaded once
- * per item. Softmax is computed online, one block at a time (as in FlashAttention).
+ * per item. Softmax is computed online, one block at a time (as in FlashAttention). Scores
+ * are computed eight tokens at a time and exponentiated eight lanes at a time.
  *
  * Layouts (row-major, contiguous):
  *   q, out        [num_seqs, num_q_heads, head_dim]
