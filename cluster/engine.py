@@ -3,6 +3,10 @@ the sampled tokens, stop sequences, free their blocks, and report what changed.
 
 It is synchronous and owns no threads; the offline `LLM` calls `step()` in a loop and the
 router actor calls it from its engine thread.
+
+Failures stay as small as they can: a sequence whose token cannot be sampled or stopped ends
+alone (INTERNAL), its batch mates go on. Only a failed shard (an executor error) restarts the
+shards; the requests it caught are recomputed, on another replica when one is serving.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ import itertools
 import logging
 import random
 import time
+from collections.abc import Callable
 
 from shardserve.workers.loader import resolve_model
 from shardserve.workers.models import model_shape
-from shardserve.workers.step import SamplingParams, SequenceStep, StepPlan
+from shardserve.workers.step import SampledToken, SamplingParams, SequenceStep, StepPlan
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
@@ -22,12 +27,16 @@ from .executor import Executor, ExecutorError
 from .kv_manager import KVCacheManager
 from .outputs import RequestOutput, TokenLogprob
 from .scheduler import ScheduledSequence, Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus, next_seq_id
 
 log = logging.getLogger(__name__)
 
 # A request in flight when shards fail is recomputed once; a second failure ends it.
 MAX_FAILURES_PER_REQUEST = 1
+
+# Engine.state: serving; restarting its shards after a failure; down (a restart failed, and
+# the router retries it now and then).
+SERVING, RESTARTING, DOWN = "serving", "restarting", "down"
 
 
 class EngineUnavailableError(RuntimeError):
@@ -43,7 +52,7 @@ class Engine:
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)
         self.shape = model_shape(self.hf_config)  # fails early for an unsupported model
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        limit = self.shape.max_position_embeddings
+        limit = self.shape.max_context_len
         self.max_model_len = min(config.max_model_len or limit, limit)
         self.eos_token_ids = self._eos_token_ids()
         self.executor = executor or self._local_executor()
@@ -56,6 +65,9 @@ class Engine:
         num_blocks = min(num_blocks, useful)
         self.executor.allocate_kv(num_blocks, cache.block_size)
         self.kv = KVCacheManager(num_blocks, cache.block_size)
+        if self.kv.capacity_tokens < self.max_model_len:
+            log.warning("the KV cache holds %d tokens, fewer than max_model_len (%d): longer "
+                        "requests are refused", self.kv.capacity_tokens, self.max_model_len)
         s = config.scheduler
         # One lane per micro-batch in flight; only pipeline parallelism has more than one.
         self.num_lanes = 1
@@ -65,14 +77,15 @@ class Engine:
         self.scheduler = Scheduler(self.kv, s.max_num_seqs, s.max_num_batched_tokens,
                                    s.scheduling_policy, self.num_lanes)
         self._in_flight: dict[int, tuple[object, list[ScheduledSequence]]] = {}
-        self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._requests: dict[str, Sequence] = {}
-        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
-        self._logprobs: dict[int, list[TokenLogprob]] = {}
-        self._first_token_times: dict[int, float] = {}
-        self.healthy = True
+        self.state = SERVING
+        self.num_restarts = 0
+        self.num_finished = 0
+        # Called (with this engine) when its shards failed, before they restart: the router
+        # uses it to move the unfinished requests to a replica that is serving.
+        self.on_failure: Callable[[Engine], None] | None = None
 
     def _local_executor(self) -> Executor:
         from shardserve.workers.shard import ShardSpec
@@ -83,7 +96,7 @@ class Engine:
             raise ValueError("tensor/pipeline parallelism and replicas run on Ray: "
                              "pass a RayExecutor (LLM does this for you)")
         c = self.config
-        return LocalExecutor(ShardSpec(model=str(self.model_dir), dtype=c.dtype, device=c.device,
+        return LocalExecutor(ShardSpec(model=c.model, dtype=c.dtype, device=c.device,
                                        num_threads=c.num_threads, seed=c.seed))
 
     def _eos_token_ids(self) -> set[int]:
@@ -102,6 +115,10 @@ class Engine:
         if not ids and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == SERVING
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -137,15 +154,15 @@ class Engine:
         vocab = self.shape.vocab_size
         if not prompt_token_ids:
             raise ValueError("prompt is empty: give at least one token of text")
+        n, limit = len(prompt_token_ids), self.max_model_len
+        if n >= limit:
+            raise ValueError(f"prompt has {n} tokens but the context limit is {limit} "
+                             "(max_model_len): shorten the prompt")
         bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
                              f"(0..{vocab - 1})")
         params.validate(vocab)
-        n, limit = len(prompt_token_ids), self.max_model_len
-        if n >= limit:
-            raise ValueError(f"prompt has {n} tokens but the context limit is {limit} "
-                             "(max_model_len): shorten the prompt")
         if n + params.max_tokens > limit:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"the context limit of {limit}: set max_tokens <= {limit - n}")
@@ -167,15 +184,35 @@ class Engine:
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        seq = Sequence(next(self._seq_ids), request_id, token_ids, params, seed,
-                       arrival_time or time.time())
+        seq = Sequence(next_seq_id(), request_id, token_ids, params, seed,
+                       arrival_time or time.time(),
+                       IncrementalDetokenizer(self.tokenizer, token_ids, params.stop))
         self._requests[request_id] = seq
-        self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, token_ids,
-                                                                params.stop)
-        if params.logprobs is not None:
-            self._logprobs[seq.seq_id] = []
         self.scheduler.add(seq)
         return token_ids
+
+    def adopt(self, seq: Sequence) -> None:
+        """Take over a request another replica started (its shards failed): it is recomputed
+        here from its prompt and the tokens it already generated, ahead of newer requests."""
+        if not self.healthy:
+            raise EngineUnavailableError("this replica is not serving")
+        if seq.request_id in self._requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        needed = len(seq.prompt_token_ids) + seq.params.max_tokens
+        if needed > self.kv.capacity_tokens:
+            raise ValueError(f"the request needs {needed} tokens of KV cache; this replica "
+                             f"holds {self.kv.capacity_tokens}")
+        self._requests[seq.request_id] = seq
+        self.scheduler.add(seq, front=True)
+
+    def take_unfinished(self) -> list[Sequence]:
+        """Remove every unfinished request, its blocks freed, for another replica to finish."""
+        seqs = sorted(self.scheduler.running + list(self.scheduler.waiting),
+                      key=lambda s: s.arrival_time)
+        for seq in seqs:
+            self.scheduler.remove(seq)
+            del self._requests[seq.request_id]
+        return seqs
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Cancel a request; its blocks are free when this returns.
@@ -241,19 +278,35 @@ class Engine:
             token = sampled.get(seq.seq_id)
             if token is None:
                 continue  # a prompt chunk that did not reach the end yet
-            self._first_token_times.setdefault(seq.seq_id, now)
-            seq.output_token_ids.append(token.token_id)
-            logprobs = []
-            if seq.params.logprobs is not None:
-                logprobs = [TokenLogprob(token.token_id, token.logprob,
-                                         token.top_logprobs or [])]
-                self._logprobs[seq.seq_id].extend(logprobs)
-            reason = self._stop_reason(seq, token.token_id)
-            if reason:
-                self.scheduler.finish(seq, reason)
-            outputs.append(self._output(seq, [token.token_id], logprobs,
-                                        self._detokenizers[seq.seq_id].release(seq.is_finished)))
+            try:
+                outputs.append(self._append_token(seq, token, now))
+            except Exception as e:  # noqa: BLE001 - one request's failure stays its own
+                log.exception("request %s failed while its token was applied", seq.request_id)
+                outputs.append(self._fail(seq, f"internal error while applying this request's "
+                                               f"token ({type(e).__name__}); see the server log",
+                                          "internal"))
         return outputs
+
+    def _append_token(self, seq: Sequence, token: SampledToken, now: float) -> RequestOutput:
+        if token.error:
+            log.error("request %s: %s", seq.request_id, token.error)
+            return self._fail(seq, token.error, "internal")
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.output_token_ids.append(token.token_id)
+        logprobs = []
+        if seq.params.logprobs is not None:
+            logprobs = [TokenLogprob(token.token_id, token.logprob, token.top_logprobs or [])]
+        reason = self._stop_reason(seq, token.token_id)
+        if reason:
+            self.scheduler.finish(seq, reason)
+        return self._output(seq, [token.token_id], logprobs,
+                            seq.detokenizer.release(seq.is_finished))
+
+    def _fail(self, seq: Sequence, message: str, code: str) -> RequestOutput:
+        """End one request with an error; its blocks are freed."""
+        self.scheduler.finish(seq, "error")
+        return self._output(seq, [], [], "", error=message, error_code=code)
 
     def _sequence_step(self, item: ScheduledSequence) -> SequenceStep:
         seq = item.seq
@@ -271,7 +324,7 @@ class Engine:
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         p = seq.params
-        if self._detokenizers[seq.seq_id].add_token(token_id):
+        if seq.detokenizer.add_token(token_id):
             return "stop"
         if token_id in p.stop_token_ids:
             return "stop"
@@ -281,34 +334,43 @@ class Engine:
             return "length"
         return None
 
+    # --- shard failures ---------------------------------------------------------------------
+
     def _recover(self, error: str) -> list[RequestOutput]:
-        """A shard failed and every KV cache is suspect. Restart the shards and recompute the
-        requests that were in flight (as after a preemption); a request caught in a second
-        failure, or any request when the restart fails, ends with the error."""
+        """A shard failed and every KV cache is suspect. The requests that were in flight
+        become recomputable (as after a preemption); one caught in a second failure ends with
+        the error. The router may move the rest to another replica, then the shards restart;
+        whatever is left here is recomputed after the restart, or ends if it fails."""
         log.error("step failed: %s", error)
         self._in_flight.clear()
-        in_flight = list(self.scheduler.running)
-        for seq in reversed(in_flight):
+        self.state = RESTARTING
+        caught = list(self.scheduler.running)
+        for seq in reversed(caught):
             self.scheduler.preempt(seq)
-        try:
-            restart = getattr(self.executor, "restart", None)
-            if restart is None:
-                raise ExecutorError("this executor cannot restart")
-            restart()
-            self.healthy = True
-        except Exception as e:  # noqa: BLE001 - any restart failure leaves the engine down
-            self.healthy = False
-            return self.fail_all(f"{error}; restarting the shards failed: {e}")
         outputs = []
-        for seq in in_flight:
+        for seq in caught:
             seq.num_failures += 1
             if seq.num_failures > MAX_FAILURES_PER_REQUEST:
-                self.scheduler.finish(seq, "error")
-                outputs.append(self._output(seq, [], [], "", error=error,
-                                            error_code="unavailable"))
+                outputs.append(self._fail(seq, error, "unavailable"))
+        if self.on_failure is not None:
+            self.on_failure(self)
+        try:
+            self._restart_shards()
+        except Exception as e:  # noqa: BLE001 - any restart failure leaves the engine down
+            log.error("restarting the shards failed: %s", e)
+            self.state = DOWN
+            return outputs + self.fail_all(f"{error}; restarting the shards failed: {e}")
         log.warning("shards restarted; %d request(s) will be recomputed",
-                    len(in_flight) - len(outputs))
+                    len(self._requests))
         return outputs
+
+    def _restart_shards(self) -> None:
+        restart = getattr(self.executor, "restart", None)
+        if restart is None:
+            raise ExecutorError("this executor cannot restart")
+        restart()
+        self.num_restarts += 1
+        self.state = SERVING
 
     def try_restart(self) -> bool:
         """After a failed restart: try again to bring the shards back (the loop calls this
@@ -316,8 +378,7 @@ class Engine:
         if self.healthy:
             return True
         try:
-            self.executor.restart()
-            self.healthy = True
+            self._restart_shards()
             log.warning("shards restarted; serving again")
         except Exception as e:  # noqa: BLE001 - still down; the caller retries later
             log.error("restarting the shards failed again: %s", e)
@@ -326,41 +387,51 @@ class Engine:
     def fail_all(self, message: str, code: str = "unavailable") -> list[RequestOutput]:
         """End every queued and running request with an error; blocks are freed."""
         self._in_flight.clear()
-        outputs = []
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self.scheduler.finish(seq, "error")
-            outputs.append(self._output(seq, [], [], "", error=message, error_code=code))
-        return outputs
+        return [self._fail(seq, message, code)
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting)]
+
+    # --- outputs ----------------------------------------------------------------------------
 
     def _output(self, seq: Sequence, delta_ids: list[int], delta_logprobs: list[TokenLogprob],
                 delta_text: str, error: str | None = None,
                 error_code: str | None = None) -> RequestOutput:
-        detok = self._detokenizers[seq.seq_id]
-        out = RequestOutput(
-            request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            token_ids=list(seq.output_token_ids),
-            text=detok.text,
-            delta_token_ids=delta_ids,
-            delta_text=delta_text,
-            finished=seq.is_finished,
-            finish_reason=seq.finish_reason,
-            logprobs=delta_logprobs if seq.params.logprobs is not None else None,
-            error=error,
-            error_code=error_code,
-            arrival_time=seq.arrival_time,
-            first_token_time=self._first_token_times.get(seq.seq_id),
-            num_preemptions=seq.num_preemptions,
-        )
+        out = output_of(seq, delta_ids, delta_logprobs, delta_text, error, error_code)
         if seq.is_finished:
-            self._forget(seq)
+            self._requests.pop(seq.request_id, None)
+            self.num_finished += 1
         return out
-
-    def _forget(self, seq: Sequence) -> None:
-        self._requests.pop(seq.request_id, None)
-        self._detokenizers.pop(seq.seq_id, None)
-        self._first_token_times.pop(seq.seq_id, None)
-        self._logprobs.pop(seq.seq_id, None)
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def output_of(seq: Sequence, delta_ids: list[int], delta_logprobs: list[TokenLogprob],
+              delta_text: str, error: str | None = None,
+              error_code: str | None = None) -> RequestOutput:
+    """What the caller is told about `seq` now: this step's deltas, and at the end the whole
+    output."""
+    out = RequestOutput(
+        request_id=seq.request_id,
+        prompt_token_ids=seq.prompt_token_ids,
+        delta_token_ids=delta_ids,
+        delta_text=delta_text,
+        finished=seq.is_finished,
+        finish_reason=seq.finish_reason,
+        logprobs=delta_logprobs if seq.params.logprobs is not None else None,
+        error=error,
+        error_code=error_code,
+        arrival_time=seq.arrival_time,
+        first_token_time=seq.first_token_time,
+        num_preemptions=seq.num_preemptions,
+    )
+    if seq.is_finished:
+        out.token_ids = list(seq.output_token_ids)
+        out.text = seq.detokenizer.text if seq.detokenizer else ""
+    return out
+
+
+def fail_sequence(seq: Sequence, message: str, code: str) -> RequestOutput:
+    """End a request that no engine holds (it was on its way between replicas)."""
+    seq.status = SequenceStatus.FINISHED
+    seq.finish_reason = "error"
+    return output_of(seq, [], [], "", message, code)

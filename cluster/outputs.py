@@ -14,15 +14,17 @@ class TokenLogprob:
 
 @dataclass
 class RequestOutput:
+    """One step's news for a request: only what is new, so a reader that falls behind holds the
+    deltas once, never a copy of the whole output per step. The last output (finished=True)
+    also carries the whole generated text and tokens."""
+
     request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # every generated token so far
-    text: str  # generated text so far (a stop string is cut off, never included)
+    prompt_token_ids: list[int]  # the request's own list, not a copy
     delta_token_ids: list[int]  # generated in this step
     delta_text: str  # text released in this step
     finished: bool = False
     # "stop" (EOS, stop token or stop string), "length" (max_tokens or the context limit),
-    # "abort" (cancelled), "error" (the engine failed; see `error`)
+    # "abort" (cancelled), "error" (the request failed; see `error`)
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # for delta_token_ids, when asked for
     error: str | None = None
@@ -31,3 +33,20 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     num_preemptions: int = 0
+    # Set when finished: every generated token, and the text (a stop string is cut off).
+    token_ids: list[int] | None = None
+    text: str | None = None
+
+    def merge(self, later: "RequestOutput") -> "RequestOutput":
+        """This output followed by a later one of the same request, as one."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        return RequestOutput(
+            request_id=later.request_id, prompt_token_ids=later.prompt_token_ids,
+            delta_token_ids=self.delta_token_ids + later.delta_token_ids,
+            delta_text=self.delta_text + later.delta_text, finished=later.finished,
+            finish_reason=later.finish_reason, logprobs=logprobs, error=later.error,
+            error_code=later.error_code, arrival_time=self.arrival_time,
+            first_token_time=self.first_token_time or later.first_token_time,
+            num_preemptions=later.num_preemptions, token_ids=later.token_ids, text=later.text)

@@ -56,20 +56,35 @@ class Scheduler:
         self.watermark = max(1, kv.num_blocks // 100)
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence (stopped, cancelled or failed) and free its blocks at once."""
+        if seq.is_finished:
+            return
+        self._unlink(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def remove(self, seq: Sequence) -> None:
+        """Let go of an unfinished sequence (another engine takes it over): its blocks are
+        freed and it will be computed again from its tokens."""
+        self._unlink(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+
+    def _unlink(self, seq: Sequence) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
         self.kv.free(seq.seq_id)
 
     def schedule(self, lane: int = 0) -> list[ScheduledSequence]:

@@ -1,11 +1,24 @@
-"""One request's state as the scheduler sees it: its tokens, how many are computed, its status."""
+"""One request's state in the engine: its tokens, how many are computed, its status, and what
+has been released to its caller. This object is the one owner of that state; it moves whole
+between replicas when one fails."""
 
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
 
 from shardserve.workers.step import SamplingParams
+
+from .detokenizer import IncrementalDetokenizer
+
+# Unique across every engine in the process, so a sequence keeps its id when it moves to
+# another replica.
+_SEQ_IDS = itertools.count()
+
+
+def next_seq_id() -> int:
+    return next(_SEQ_IDS)
 
 
 class SequenceStatus(enum.Enum):
@@ -22,12 +35,14 @@ class Sequence:
     params: SamplingParams
     seed: int
     arrival_time: float
+    detokenizer: IncrementalDetokenizer | None = None  # None only where text is not needed
     output_token_ids: list[int] = field(default_factory=list)
     # Tokens whose KV is in the cache. A preempted sequence drops to 0 and is recomputed from
     # its prompt plus what it already generated, so nothing it produced is lost.
     num_computed_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
+    first_token_time: float | None = None
     num_preemptions: int = 0
     num_failures: int = 0  # shard failures this request was caught in
     lane: int = 0  # which in-flight batch it runs in (pipeline parallelism), see scheduler

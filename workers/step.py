@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# A temperature below this samples greedily (as vLLM does): dividing logits by it would overflow
+# towards inf, and the distribution it asks for is the argmax anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -33,30 +37,32 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the field and what to change."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0 <= self.temperature < float("inf"):  # NaN fails this too
+        if not isinstance(self.temperature, (int, float)) or not (
+                0 <= self.temperature < float("inf")):  # NaN fails this too
             raise ValueError(
                 f"temperature must be a number >= 0 (0 means greedy), got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+        if self.logprobs is not None and not (isinstance(self.logprobs, int)
+                                              and 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             if bad:
-                raise ValueError(
-                    f"stop_token_ids {bad} are not in the vocabulary (ids 0..{vocab_size - 1})")
+                raise ValueError(f"stop_token_ids {bad[:5]} are not in the vocabulary "
+                                 f"(ids 0..{vocab_size - 1})")
 
 
 @dataclass
@@ -93,6 +99,8 @@ class SampledToken:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    # Set when this sequence could not be sampled; only this sequence fails, the step goes on.
+    error: str | None = None
 
 
 @dataclass

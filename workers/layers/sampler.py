@@ -2,6 +2,10 @@
 
 Each random draw uses a generator seeded from (request seed, tokens generated so far), so a
 request's output depends only on its own seed: not on batch mates, scheduling or preemption.
+
+Sampling is per row and in fp32, and a row that cannot be sampled (its logits are NaN or
+infinite, or its draw fails) comes back as an error for that sequence alone: one request's
+numbers never fail its batch mates or the shard.
 """
 
 from __future__ import annotations
@@ -27,30 +31,46 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
         probs = sorted_logits.softmax(-1)
         # Drop a token when the mass before it already reaches top_p; the top token always stays.
         drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[0] = False
         logits = logits.clone()
         logits[order[drop]] = float("-inf")
     return logits
 
 
 def sample(logits: torch.Tensor, seqs: list[SequenceStep]) -> list[SampledToken]:
-    """logits: [S, V] fp32, one row per sequence in `seqs` (each with sample=True)."""
+    """logits: [S, V], one row per sequence in `seqs` (each with sample=True)."""
+    logits = logits.float()
+    # A NaN anywhere, or a row whose largest logit is infinite, has no distribution to sample.
+    broken = (torch.isnan(logits).any(-1) | torch.isinf(logits.max(-1).values)).tolist()
     greedy = torch.argmax(logits, dim=-1).tolist()
     wants_logprobs = any(s.params.logprobs is not None for s in seqs)
     logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
     out = []
     for row, s in enumerate(seqs):
-        p = s.params
-        token = greedy[row]
-        if not p.greedy:
-            scaled = apply_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
-            gen = torch.Generator(device=logits.device)
-            gen.manual_seed(draw_seed(s.seed, s.num_generated))
-            token = int(torch.multinomial(scaled.softmax(-1), 1, generator=gen))
-        result = SampledToken(s.seq_id, token)
-        if p.logprobs is not None:
-            result.logprob = float(logprobs[row, token])
-            if p.logprobs > 0:
-                values, ids = torch.topk(logprobs[row], p.logprobs)
-                result.top_logprobs = list(zip(ids.tolist(), values.tolist()))
-        out.append(result)
+        if broken[row]:
+            out.append(SampledToken(s.seq_id, -1, error="the model produced non-finite logits "
+                                    "for this request"))
+            continue
+        try:
+            out.append(_sample_row(logits[row], greedy[row], logprobs, row, s))
+        except (RuntimeError, ValueError) as e:  # torch reports bad distributions this way
+            out.append(SampledToken(s.seq_id, -1, error=f"sampling failed: {e}"))
     return out
+
+
+def _sample_row(logits: torch.Tensor, greedy_token: int, logprobs: torch.Tensor | None,
+                row: int, s: SequenceStep) -> SampledToken:
+    p = s.params
+    token = greedy_token
+    if not p.greedy:
+        scaled = apply_top_k_top_p(logits / p.temperature, p.top_k, p.top_p)
+        gen = torch.Generator(device=logits.device)
+        gen.manual_seed(draw_seed(s.seed, s.num_generated))
+        token = int(torch.multinomial(scaled.softmax(-1), 1, generator=gen))
+    result = SampledToken(s.seq_id, token)
+    if p.logprobs is not None:
+        result.logprob = float(logprobs[row, token])
+        if p.logprobs > 0:
+            values, ids = torch.topk(logprobs[row], min(p.logprobs, logprobs.shape[-1]))
+            result.top_logprobs = list(zip(ids.tolist(), values.tolist()))
+    return result
