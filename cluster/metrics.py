@@ -32,6 +32,12 @@ class Metrics:
                                     ["replica"], registry=r)
         self.kv_blocks_total = Gauge("shardserve_kv_blocks_total", "KV cache blocks in the pool",
                                      ["replica"], registry=r)
+        self.replica_serving = Gauge("shardserve_replica_serving", "1 while the replica's "
+                                     "shards serve, 0 while they restart or are down",
+                                     ["replica"], registry=r)
+        self.shard_restarts = Counter("shardserve_shard_restarts", "Times a replica's shards "
+                                      "were restarted after a shard failed", ["replica"],
+                                      registry=r)
         self.preemptions = Counter("shardserve_preemptions", "Sequences preempted for lack of "
                                    "KV blocks", registry=r)
         self._http = None

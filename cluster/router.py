@@ -1,9 +1,15 @@
 """The router: owns the engines (one per replica) and runs each engine's loop on a thread.
 
-Requests arrive from the gRPC servicer on the asyncio event loop; each engine loop thread
-admits them between steps, runs steps while there is work, and hands every step's outputs back
-to the waiting coroutines. Cancelling a request (client gone, deadline passed) reaches the
-engine before its next step, so its KV blocks are free within one step.
+Requests arrive from the gRPC servicer on the asyncio event loop and go to the serving
+replica with the least outstanding work; each engine loop thread admits them between steps,
+runs steps while there is work, and hands every step's outputs back to the waiting
+coroutines. Cancelling a request (client gone, deadline passed) reaches the engine before its
+next step, so its KV blocks are free within one step.
+
+Replicas keep the server available: when one replica's shards fail, its unfinished requests
+move to a serving replica (they are recomputed there from their tokens, as after a
+preemption), it restarts in the background, and the server is healthy while any replica
+serves.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from dataclasses import dataclass
 from shardserve.workers.step import SamplingParams
 
 from .config import EngineConfig
-from .engine import Engine, EngineUnavailableError
+from .engine import DOWN, Engine, EngineUnavailableError, fail_sequence
 from .metrics import Metrics
 from .outputs import RequestOutput
+from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-# While the shards are down, how often the loop tries to bring them back.
+# While a replica's shards are down, how often its loop tries to bring them back.
 RESTART_RETRY_S = 5.0
 
 OUTCOMES = {"stop": "completed", "length": "completed", "abort": "cancelled", "error": "failed"}
@@ -36,61 +43,143 @@ class OverloadedError(RuntimeError):
     """The waiting queue is full."""
 
 
+class OutputStream:
+    """A request's outputs on their way from an engine thread to the coroutine that reads them.
+
+    Outputs the reader has not taken yet are merged into one, so a reader that falls behind
+    (a slow client) holds the request's new tokens and text once, whatever the number of steps.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._pending: RequestOutput | None = None
+        self._ready = asyncio.Event()
+
+    def push(self, out: RequestOutput) -> None:
+        """From any thread. Raises RuntimeError when the reader's event loop is closed."""
+        self._loop.call_soon_threadsafe(self._put, out)
+
+    def _put(self, out: RequestOutput) -> None:
+        self._pending = out if self._pending is None else self._pending.merge(out)
+        self._ready.set()
+
+    async def get(self) -> RequestOutput:
+        await self._ready.wait()
+        self._ready.clear()
+        out, self._pending = self._pending, None
+        return out
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One accepted request as the router tracks it, whichever replica holds it now."""
+
+    request_id: str
+    deliver: Callable[[RequestOutput], None]
+    loop: "EngineLoop"  # the replica that holds it; changes when it moves
+    cancelled: bool = False  # set by the caller's side; a request on its way is dropped
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.loop.abort(self)
+
+
 @dataclass
 class _Add:
-    request_id: str
+    ticket: Ticket
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
-    deliver: Callable[[RequestOutput], None]
+
+
+@dataclass
+class _Adopt:
+    moved: list[tuple[Sequence, Ticket]]
 
 
 @dataclass
 class _Abort:
-    request_id: str
+    ticket: Ticket
 
 
 class EngineLoop:
     """One engine driven by one thread. Only this thread touches the engine's mutable state."""
 
-    def __init__(self, engine: Engine, replica: int, metrics: Metrics):
+    def __init__(self, engine: Engine, replica: int, metrics: Metrics,
+                 peers: Callable[[], list["EngineLoop"]]):
         self.engine = engine
-        self.replica = str(replica)
+        self.replica = replica
         self.metrics = metrics
+        self._peers = peers
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._deliver: dict[str, Callable[[RequestOutput], None]] = {}
+        self._tickets: dict[str, Ticket] = {}
         self._last_token_time: dict[str, float] = {}
         self._lock = threading.Lock()
         self.outstanding = 0  # accepted and not finished, counted from the caller's side
         self._preemptions_seen = 0
+        self._restarts_seen = 0
         self._stop = threading.Event()
+        engine.on_failure = self._hand_over
         self._thread = threading.Thread(target=self._run, name=f"engine-loop-{replica}",
                                         daemon=True)
-        metrics.kv_blocks_total.labels(self.replica).set(engine.kv.num_blocks)
+        metrics.kv_blocks_total.labels(str(replica)).set(engine.kv.num_blocks)
         self._thread.start()
+
+    @property
+    def serving(self) -> bool:
+        return self.engine.healthy
 
     @property
     def num_waiting(self) -> int:
         return max(0, self.outstanding - self.engine.num_running)
 
-    def submit(self, command: _Add) -> None:
+    def _count(self, change: int) -> None:
         with self._lock:
-            self.outstanding += 1
+            self.outstanding += change
+
+    def submit(self, command: _Add) -> None:
+        command.ticket.loop = self
+        self._count(1)
         self._commands.put(command)
 
-    def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+    def adopt(self, moved: list[tuple[Sequence, Ticket]]) -> None:
+        for _, ticket in moved:
+            ticket.loop = self
+        self._count(len(moved))
+        self._commands.put(_Adopt(moved))
+
+    def abort(self, ticket: Ticket) -> None:
+        self._commands.put(_Abort(ticket))
 
     def stop(self) -> None:
         self._stop.set()
         self._commands.put(None)
         self._thread.join(timeout=30)
 
+    def _serving_peer(self) -> EngineLoop | None:
+        peers = [p for p in self._peers() if p is not self and p.serving]
+        return min(peers, key=lambda p: p.outstanding) if peers else None
+
+    def _hand_over(self, engine: Engine) -> None:
+        """This replica's shards failed (called on this loop's thread, before they restart):
+        a serving replica takes its unfinished requests."""
+        peer = self._serving_peer()
+        if peer is None:
+            return
+        moved = [(seq, self._tickets.pop(seq.request_id)) for seq in engine.take_unfinished()]
+        for seq, _ in moved:
+            self._last_token_time.pop(seq.request_id, None)
+        self._count(-len(moved))
+        if moved:
+            log.warning("replica %d failed: %d request(s) move to replica %d", self.replica,
+                        len(moved), peer.replica)
+            peer.adopt(moved)
+
     def _run(self) -> None:
         last_restart = 0.0
         while not self._stop.is_set():
             try:
-                if not self.engine.healthy and time.time() - last_restart > RESTART_RETRY_S:
+                if self.engine.state == DOWN and time.time() - last_restart > RESTART_RETRY_S:
                     last_restart = time.time()
                     self.engine.try_restart()
                 self._apply_commands(block=not self.engine.has_unfinished())
@@ -112,30 +201,60 @@ class EngineLoop:
             if command is None:
                 return
             if isinstance(command, _Abort):
-                if command.request_id in self._deliver:
-                    self._publish([self.engine.abort_request(command.request_id)])
-                continue
-            if command.request_id in self._deliver:
-                command.deliver(_rejected(command, f"request id {command.request_id!r} is "
-                                                   "already in use", "invalid_argument"))
-                with self._lock:
-                    self.outstanding -= 1
-                continue
-            self._deliver[command.request_id] = command.deliver
-            try:
-                self.engine.add_request(command.request_id, command.prompt_token_ids,
-                                        command.params, command.arrival_time)
-            except ValueError as e:
-                self._publish([_rejected(command, str(e), "invalid_argument")])
-            except EngineUnavailableError as e:
-                self._publish([_rejected(command, str(e), "unavailable")])
+                self._abort(command.ticket)
+            elif isinstance(command, _Adopt):
+                for seq, ticket in command.moved:
+                    self._take(ticket, lambda: self.engine.adopt(seq), seq=seq)
+            else:
+                self._take(command.ticket, lambda: self.engine.add_request(
+                    command.ticket.request_id, command.prompt_token_ids, command.params,
+                    command.arrival_time), add=command)
+
+    def _take(self, ticket: Ticket, admit: Callable[[], object], seq: Sequence | None = None,
+              add: _Add | None = None) -> None:
+        """Admit a new or moved request here; pass it on when this replica is not serving."""
+        if ticket.cancelled:
+            self._count(-1)
+            return
+        if not self.engine.healthy:
+            peer = self._serving_peer()
+            if peer is not None:
+                self._count(-1)
+                if seq is not None:
+                    peer.adopt([(seq, ticket)])
+                else:
+                    peer.submit(add)
+                return
+        self._tickets[ticket.request_id] = ticket
+        try:
+            admit()
+        except ValueError as e:
+            self._publish([self._refusal(ticket, seq, add, str(e), "invalid_argument")])
+        except EngineUnavailableError as e:
+            self._publish([self._refusal(ticket, seq, add, str(e), "unavailable")])
+
+    def _refusal(self, ticket: Ticket, seq: Sequence | None, add: _Add | None, message: str,
+                 code: str) -> RequestOutput:
+        if seq is not None:
+            return fail_sequence(seq, message, code)
+        return RequestOutput(request_id=ticket.request_id,
+                             prompt_token_ids=add.prompt_token_ids, delta_token_ids=[],
+                             delta_text="", finished=True, finish_reason="error", error=message,
+                             error_code=code, arrival_time=add.arrival_time, token_ids=[],
+                             text="")
+
+    def _abort(self, ticket: Ticket) -> None:
+        if ticket.request_id in self._tickets:
+            self._publish([self.engine.abort_request(ticket.request_id)])
+        elif ticket.loop is not self:
+            ticket.loop.abort(ticket)  # it moved to another replica before the abort came
 
     def _publish(self, outputs: list[RequestOutput | None]) -> None:
         now = time.time()
         for out in outputs:
             if out is None:
                 continue
-            deliver = self._deliver.get(out.request_id)
+            ticket = self._tickets.get(out.request_id)
             if out.delta_token_ids:
                 self.metrics.generated_tokens.inc(len(out.delta_token_ids))
                 last = self._last_token_time.get(out.request_id)
@@ -146,32 +265,38 @@ class EngineLoop:
                 self._last_token_time[out.request_id] = now
             if out.finished:
                 self.metrics.requests.labels(OUTCOMES.get(out.finish_reason, "failed")).inc()
-                self._deliver.pop(out.request_id, None)
+                self._tickets.pop(out.request_id, None)
                 self._last_token_time.pop(out.request_id, None)
-                with self._lock:
-                    self.outstanding -= 1
-            if deliver is not None:
+                self._count(-1)
+            if ticket is not None:
                 try:
-                    deliver(out)
+                    ticket.deliver(out)
                 except RuntimeError:  # the caller's event loop is gone (server stopping)
                     pass
 
     def _update_gauges(self) -> None:
-        e, m = self.engine, self.metrics
-        m.queue_depth.labels(self.replica).set(e.num_waiting)
-        m.running.labels(self.replica).set(e.num_running)
-        m.kv_blocks_used.labels(self.replica).set(e.kv.num_used_blocks)
+        e, m, replica = self.engine, self.metrics, str(self.replica)
+        m.queue_depth.labels(replica).set(e.num_waiting)
+        m.running.labels(replica).set(e.num_running)
+        m.kv_blocks_used.labels(replica).set(e.kv.num_used_blocks)
+        m.replica_serving.labels(replica).set(1 if e.healthy else 0)
         preemptions = e.scheduler.num_preemptions
         if preemptions > self._preemptions_seen:
             m.preemptions.inc(preemptions - self._preemptions_seen)
             self._preemptions_seen = preemptions
+        if e.num_restarts > self._restarts_seen:
+            m.shard_restarts.labels(replica).inc(e.num_restarts - self._restarts_seen)
+            self._restarts_seen = e.num_restarts
 
 
-def _rejected(command: _Add, message: str, code: str) -> RequestOutput:
-    return RequestOutput(request_id=command.request_id, prompt_token_ids=command.prompt_token_ids,
-                         token_ids=[], text="", delta_token_ids=[], delta_text="", finished=True,
-                         finish_reason="error", error=message, error_code=code,
-                         arrival_time=command.arrival_time)
+@dataclass(frozen=True)
+class ReplicaStatus:
+    replica: int
+    state: str  # serving, restarting or down
+    restarts: int  # times its shards were restarted after a failure
+    running: int
+    waiting: int
+    finished: int  # requests it ended (completed, cancelled or failed)
 
 
 class Router:
@@ -182,9 +307,10 @@ class Router:
         self.metrics = Metrics()
         self.engines = [Engine(config, RayExecutor(config, address))
                         for _ in range(config.parallel.replicas)]
-        self.loops = [EngineLoop(engine, i, self.metrics) for i, engine in enumerate(self.engines)]
+        self.loops = [EngineLoop(engine, i, self.metrics, lambda: self.loops)
+                      for i, engine in enumerate(self.engines)]
         self._ids = itertools.count()
-        self._active: set[str] = set()  # request ids in flight, across replicas
+        self._active: set[str] = set()  # client-chosen request ids in flight, every replica
 
     @property
     def engine(self) -> Engine:
@@ -193,7 +319,13 @@ class Router:
 
     @property
     def healthy(self) -> bool:
-        return all(e.healthy for e in self.engines)
+        """Serving while at least one replica serves."""
+        return any(loop.serving for loop in self.loops)
+
+    def replicas(self) -> list[ReplicaStatus]:
+        return [ReplicaStatus(loop.replica, loop.engine.state, loop.engine.num_restarts,
+                              loop.engine.num_running, loop.num_waiting,
+                              loop.engine.num_finished) for loop in self.loops]
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         return self.engine.tokenize(prompt)
@@ -209,37 +341,43 @@ class Router:
             raise
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       client_request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them, ending with a finished one.
-        Closing the iterator early (the caller was cancelled) aborts the request."""
+        Closing the iterator early (the caller was cancelled) aborts the request.
+
+        The engines know the request by an id the router makes; the client's own id only has
+        to be unique among the client ids in flight."""
         self.validate(prompt_token_ids, params)
-        loop = min(self.loops, key=lambda lp: lp.outstanding)
+        serving = [lp for lp in self.loops if lp.serving]
+        if not serving:
+            raise EngineUnavailableError("no replica is serving: the model shards are down; "
+                                         "retry later")
         limit = self.config.scheduler.max_waiting_requests
-        if sum(lp.num_waiting for lp in self.loops) >= limit * len(self.loops):
+        if sum(lp.num_waiting for lp in serving) >= limit * len(serving):
             self.metrics.requests.labels("rejected_overloaded").inc()
             raise OverloadedError(f"the server has {limit} requests waiting per replica, its "
                                   "limit (scheduler.max_waiting_requests); retry later")
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._active:
+        if client_request_id is not None and client_request_id in self._active:
             self.metrics.requests.labels("rejected_invalid").inc()
-            raise ValueError(f"request_id {request_id!r} is already in use by a request in "
-                             "flight; choose a unique id")
-        self._active.add(request_id)
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        event_loop = asyncio.get_running_loop()
-        loop.submit(_Add(request_id, prompt_token_ids, params, time.time(),
-                         lambda out: event_loop.call_soon_threadsafe(outputs.put_nowait, out)))
+            raise ValueError(f"request_id {client_request_id!r} is already in use by a request "
+                             "in flight; choose a unique id")
+        loop = min(serving, key=lambda lp: lp.outstanding)
+        stream = OutputStream()
+        ticket = Ticket(str(next(self._ids)), stream.push, loop)
+        if client_request_id is not None:
+            self._active.add(client_request_id)
+        loop.submit(_Add(ticket, prompt_token_ids, params, time.time()))
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
         finished = False
         try:
             while not finished:
-                out = await outputs.get()
+                out = await stream.get()
                 finished = out.finished
                 yield out
         finally:
-            self._active.discard(request_id)
+            self._active.discard(client_request_id)
             if not finished:
-                loop.abort(request_id)
+                ticket.cancel()
 
     def stop(self) -> None:
         for loop in self.loops:
