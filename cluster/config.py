@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from .limits import RequestLimits
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -165,6 +167,11 @@ class ServerConfig:
     metrics_port: int | None = 9400  # None disables the Prometheus endpoint
     # Ray cluster to join: None starts a local one; "auto" joins the one on this node.
     address: str | None = None
+    # What one request may ask for; past a limit it gets INVALID_ARGUMENT naming it.
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+    def __post_init__(self) -> None:
+        self.limits.validate()
 
 
 def _from_dict(cls, data, where: str):
@@ -194,8 +201,13 @@ def _check_type(value, hint, name: str):
         return None
     base = next((a for a in args if a is not type(None)), hint) if args else hint
     origin = typing.get_origin(base) or base
-    if name.endswith("kv_cache_memory"):
-        return parse_bytes(value)
+    if name.endswith(("kv_cache_memory", "_bytes")):
+        if not isinstance(value, (int, str)) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a size such as 4MiB, got {value!r}")
+        try:
+            return parse_bytes(value)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if origin is list and isinstance(value, list):

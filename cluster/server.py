@@ -1,23 +1,35 @@
 """The gRPC front end: the Generation service, grpc.health.v1 and server reflection.
 
-Every request is validated before it is queued; bad input gets INVALID_ARGUMENT with a message
-that names the field, a full queue RESOURCE_EXHAUSTED, a down engine UNAVAILABLE. A client
-that cancels or disconnects, or whose deadline passes, has its request aborted.
+Every request is checked before it is queued: its bytes must parse, its fields must be within
+the server's limits (`server.limits`) and valid for the model. Bad input gets
+INVALID_ARGUMENT with a message that names the field or the limit, a full queue
+RESOURCE_EXHAUSTED, no serving replica UNAVAILABLE. A client that cancels or disconnects, or
+whose deadline passes, has its request aborted. Anything unexpected while handling a request
+ends that request alone with INTERNAL (and frees its blocks); the server goes on.
+
+The Generation methods take raw bytes and parse them here, so that a message that does not
+parse is the client's error (INVALID_ARGUMENT), not the UNKNOWN grpc would answer.
+Tokenization and chat templates run on worker threads, so a large prompt never stalls other
+streams or health checks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shardserve.proto import shardserve_pb2 as pb
-from shardserve.proto import shardserve_pb2_grpc as pb_grpc
 from shardserve.workers.step import SamplingParams
 
+from .engine import EngineUnavailableError
+from .limits import RequestLimits, check_prompt_tokens, check_request
 from .outputs import RequestOutput, TokenLogprob
 from .router import OverloadedError, Router
 
@@ -26,7 +38,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                   "abort": pb.FINISH_REASON_ABORT}
-MAX_STOP_STRINGS = 16
 
 
 def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
@@ -35,9 +46,6 @@ def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
     for name in ("max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs"):
         if request.HasField(name):
             options[name] = getattr(request, name)
-    if len(request.stop) > MAX_STOP_STRINGS:
-        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got "
-                         f"{len(request.stop)}")
     return SamplingParams(stop=tuple(request.stop), stop_token_ids=tuple(request.stop_token_ids),
                           ignore_eos=request.ignore_eos, **options)
 
@@ -49,28 +57,48 @@ def _logprobs(entries: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:
             for e in entries or []]
 
 
-class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, router: Router, model_name: str):
+def _chat_messages(request: pb.GenerateRequest) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in request.chat.messages]
+
+
+class GenerationServicer:
+    def __init__(self, router: Router, model_name: str, limits: RequestLimits):
         self.router = router
         self.model_name = model_name
+        self.limits = limits
+
+    # --- admission --------------------------------------------------------------------------
+
+    def _prompt_tokens(self, request: pb.GenerateRequest, params: SamplingParams) -> list[int]:
+        """Tokenize (or template) and validate; runs on a worker thread. Raises ValueError."""
+        kind = request.WhichOneof("prompt")
+        if kind == "chat":
+            token_ids = self.router.tokenize_chat(_chat_messages(request))
+        elif kind == "text":
+            token_ids = self.router.tokenize(request.text)
+        else:
+            token_ids = list(request.token_ids.ids)
+        check_prompt_tokens(self.limits, len(token_ids))
+        self.router.validate(token_ids, params)
+        return token_ids
 
     async def _start(self, request: pb.GenerateRequest, context) -> AsyncIterator[RequestOutput]:
-        """Validate and submit; aborts the RPC with the right status on bad input."""
+        """Check and submit; aborts the RPC with the right status on bad input."""
         try:
-            params = sampling_params(request)
             kind = request.WhichOneof("prompt")
-            if kind == "chat":
-                token_ids = self.router.tokenize_chat(
-                    [{"role": m.role, "content": m.content} for m in request.chat.messages])
-            else:
-                token_ids = self.router.tokenize(
-                    request.text if kind == "text" else list(request.token_ids.ids))
-            self.router.validate(token_ids, params)
+            check_request(
+                self.limits, text=request.text if kind == "text" else None,
+                token_ids=request.token_ids.ids if kind == "token_ids" else None,
+                chat=_chat_messages(request) if kind == "chat" else None,
+                stop=tuple(request.stop), stop_token_ids=tuple(request.stop_token_ids),
+                request_id=request.request_id)
+            params = sampling_params(request)
+            token_ids = await asyncio.to_thread(self._prompt_tokens, request, params)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not self.router.healthy:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "the model shards are down; retry later")
+                                "no replica is serving: the model shards are down; retry later")
         return self.router.generate(token_ids, params, request.request_id or None)
 
     async def _outputs(self, request, context) -> AsyncIterator[RequestOutput]:
@@ -78,40 +106,44 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             async for out in stream:
                 if out.error:
-                    await self._fail(out, context)
+                    code = grpc.StatusCode[(out.error_code or "internal").upper()]
+                    await context.abort(code, out.error)
                 yield out
         except OverloadedError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except EngineUnavailableError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             await stream.aclose()
 
-    async def _fail(self, out: RequestOutput, context) -> None:
-        code = grpc.StatusCode[(out.error_code or "internal").upper()]
-        await context.abort(code, out.error)
+    # --- the methods ------------------------------------------------------------------------
 
-    async def Generate(self, request, context):
-        text, token_ids, logprobs, final = "", [], [], None
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        label = request.request_id or _server_request_id()
+        text, token_ids, logprobs, final = [], [], [], None
         async for out in self._outputs(request, context):
-            text += out.delta_text
+            text.append(out.delta_text)
             token_ids += out.delta_token_ids
             logprobs += out.logprobs or []
             final = out
         ttft = (final.first_token_time - final.arrival_time) if final.first_token_time else 0.0
         return pb.GenerateResponse(
-            request_id=final.request_id, text=text, token_ids=token_ids,
+            request_id=label, text="".join(text), token_ids=token_ids,
             finish_reason=FINISH_REASONS.get(final.finish_reason, 0),
             usage=pb.Usage(prompt_tokens=len(final.prompt_token_ids),
                            completion_tokens=len(token_ids)),
             logprobs=_logprobs(logprobs), time_to_first_token_s=ttft)
 
-    async def GenerateStream(self, request, context):
+    async def GenerateStream(self, request: pb.GenerateRequest, context
+                             ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        label = request.request_id or _server_request_id()
         generated = 0
         async for out in self._outputs(request, context):
             generated += len(out.delta_token_ids)
             message = pb.GenerateStreamResponse(
-                request_id=out.request_id, text=out.delta_text, token_ids=out.delta_token_ids,
+                request_id=label, text=out.delta_text, token_ids=out.delta_token_ids,
                 logprobs=_logprobs(out.logprobs))
             if out.finished:
                 message.finish_reason = FINISH_REASONS.get(out.finish_reason, 0)
@@ -119,7 +151,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 message.usage.completion_tokens = generated
             yield message
 
-    async def ModelInfo(self, request, context):
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
         router, engine = self.router, self.router.engine
         c, shape = router.config, engine.shape
         shards = []
@@ -131,6 +163,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     node_id=info.get("node_id") or "", hostname=info.get("hostname", ""),
                     device=info.get("device", ""), first_layer=info["layers"][0],
                     end_layer=info["layers"][1]))
+        replicas = [pb.ReplicaInfo(replica=r.replica, state=r.state, restarts=r.restarts,
+                                   running=r.running, waiting=r.waiting, finished=r.finished)
+                    for r in router.replicas()]
         return pb.ModelInfoResponse(
             model=self.model_name, architecture=shape.architecture,
             dtype=engine.executor.describe()["shards"][0]["dtype"], vocab_size=shape.vocab_size,
@@ -144,23 +179,104 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             max_num_batched_tokens=c.scheduler.max_num_batched_tokens,
             max_waiting_requests=c.scheduler.max_waiting_requests,
             scheduling_policy=c.scheduler.scheduling_policy, shards=shards,
-            eos_token_ids=sorted(engine.eos_token_ids))
+            eos_token_ids=sorted(engine.eos_token_ids), replica_states=replicas)
 
-    async def Tokenize(self, request, context):
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        try:
+            check_request(self.limits, text=request.text)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         tokenizer = self.router.engine.tokenizer
-        ids = tokenizer(request.text, add_special_tokens=request.add_special_tokens).input_ids
-        return pb.TokenizeResponse(token_ids=ids, tokens=tokenizer.convert_ids_to_tokens(ids))
+
+        def tokenize() -> pb.TokenizeResponse:
+            ids = tokenizer(request.text,
+                            add_special_tokens=request.add_special_tokens).input_ids
+            return pb.TokenizeResponse(token_ids=ids, tokens=tokenizer.convert_ids_to_tokens(ids))
+
+        return await asyncio.to_thread(tokenize)
+
+
+def _server_request_id() -> str:
+    return f"srv-{uuid.uuid4().hex}"
+
+
+# --- raw-bytes method handlers --------------------------------------------------------------
+
+async def _parse(message_type, data: bytes, limits: RequestLimits, context):
+    if len(data) > limits.max_message_bytes:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the request message is {len(data):,} bytes, over the server's "
+                            f"limit of {limits.max_message_bytes:,} "
+                            "(server.limits.max_message_bytes)")
+    try:
+        return message_type.FromString(data)
+    except DecodeError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the request is not a valid {message_type.DESCRIPTOR.full_name} "
+                            f"message: {e}")
+
+
+async def _internal_error(context, method: str) -> None:
+    log.exception("%s failed", method)
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"internal error in {method}; the request was ended (see the server log)")
+
+
+def _unary(method: Callable[..., Awaitable], message_type, limits: RequestLimits):
+    async def handler(data: bytes, context):
+        request = await _parse(message_type, data, limits, context)
+        try:
+            return await method(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # noqa: BLE001 - this request fails alone, the server goes on
+            await _internal_error(context, method.__name__)
+
+    return handler
+
+
+def _streaming(method: Callable[..., AsyncIterator], message_type, limits: RequestLimits):
+    async def handler(data: bytes, context):
+        request = await _parse(message_type, data, limits, context)
+        try:
+            async for message in method(request, context):
+                yield message
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # noqa: BLE001 - this request fails alone, the server goes on
+            await _internal_error(context, method.__name__)
+
+    return handler
+
+
+def generation_handler(servicer: GenerationServicer) -> grpc.GenericRpcHandler:
+    limits, methods = servicer.limits, {}
+    for name, (request_type, response_type) in {
+            "Generate": (pb.GenerateRequest, pb.GenerateResponse),
+            "GenerateStream": (pb.GenerateRequest, pb.GenerateStreamResponse),
+            "ModelInfo": (pb.ModelInfoRequest, pb.ModelInfoResponse),
+            "Tokenize": (pb.TokenizeRequest, pb.TokenizeResponse)}.items():
+        method = getattr(servicer, name)
+        if name == "GenerateStream":
+            methods[name] = grpc.unary_stream_rpc_method_handler(
+                _streaming(method, request_type, limits),
+                response_serializer=response_type.SerializeToString)
+        else:
+            methods[name] = grpc.unary_unary_rpc_method_handler(
+                _unary(method, request_type, limits),
+                response_serializer=response_type.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
 
 # A health service name that is SERVING whenever the process answers, for liveness probes:
-# while the shards are down (and being restarted) "" is NOT_SERVING, which should take the
+# while no replica serves (shards down or restarting) "" is NOT_SERVING, which should take the
 # server out of rotation, not get it killed.
 LIVENESS_SERVICE = "liveness"
 
 
 class HealthReporter:
-    """grpc.health.v1: "" and the Generation service are SERVING while every engine's shards
-    are up; "liveness" always is."""
+    """grpc.health.v1: "" and the Generation service are SERVING while at least one replica
+    serves; "liveness" always is."""
 
     def __init__(self, servicer: health.aio.HealthServicer):
         self.servicer = servicer
@@ -172,10 +288,17 @@ class HealthReporter:
             await self.servicer.set(name, status)
 
 
-async def start_grpc_server(router: Router, model_name: str, host: str, port: int
+async def start_grpc_server(router: Router, model_name: str, host: str, port: int,
+                            limits: RequestLimits | None = None
                             ) -> tuple[grpc.aio.Server, int, HealthReporter]:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(router, model_name), server)
+    limits = limits or RequestLimits()
+    # gRPC itself refuses messages past twice our limit (RESOURCE_EXHAUSTED) before reading
+    # them; between the two, ours answers INVALID_ARGUMENT naming the limit.
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", 2 * limits.max_message_bytes)])
+    server.add_generic_rpc_handlers((generation_handler(
+        GenerationServicer(router, model_name, limits)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

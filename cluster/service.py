@@ -45,7 +45,7 @@ class ServerActor:
         self.router = await asyncio.get_running_loop().run_in_executor(
             None, Router, self.engine_config, c.address)
         self._grpc, port, reporter = await start_grpc_server(
-            self.router, self.engine_config.model, c.host, c.port)
+            self.router, self.engine_config.model, c.host, c.port, c.limits)
         metrics_port = None
         if c.metrics_port is not None:
             metrics_port = self.router.metrics.serve(c.host, c.metrics_port)

@@ -131,13 +131,25 @@ def test_cancelled_stream_frees_its_blocks(server):
 
 
 def test_deadline_is_honoured(server):
+    """The client's deadline passes long before the request could finish: the server stops
+    it (cancelled, not completed), frees its blocks and generates nothing more for it."""
     client, info = server
+    before = metrics(info)
+    cancelled = 'shardserve_requests_total{outcome="cancelled"}'
+    completed = 'shardserve_requests_total{outcome="completed"}'
     start = time.time()
     with pytest.raises(grpc.RpcError) as err:
-        client.generate([5, 6, 7], max_tokens=200, temperature=0, ignore_eos=True, timeout=0.3)
+        client.generate([5, 6, 7], max_tokens=240, temperature=0, ignore_eos=True, timeout=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.time() - start < 5
+    wait_for(lambda: metrics(info).get(cancelled, 0) == before.get(cancelled, 0) + 1)
     wait_for(lambda: blocks_in_use(info) == 0)
+    generated = metrics(info)["shardserve_generated_tokens_total"]
+    time.sleep(1.0)
+    after = metrics(info)
+    assert after.get(completed, 0) == before.get(completed, 0)
+    assert after["shardserve_generated_tokens_total"] == generated  # it really stopped
+    assert generated - before.get("shardserve_generated_tokens_total", 0) < 240
 
 
 @pytest.mark.parametrize("prompt, options, message", [
@@ -165,6 +177,54 @@ def test_bad_input_is_invalid_argument(server, prompt, options, message):
             call()
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert re.search(message, err.value.details())
+
+
+def test_a_huge_prompt_is_tokenized_off_the_event_loop(server):
+    """Prompts at the byte limit are tokenized on worker threads: health checks answer
+    promptly meanwhile (these prompts are then refused: too many tokens)."""
+    client, _ = server
+    huge = " ".join(f"w{i % 900}" for i in range(240_000))[:1024 * 1024]
+    errors, latencies, done = [], [], threading.Event()
+
+    def send():
+        try:
+            client.generate(huge, max_tokens=1)
+        except grpc.RpcError as e:
+            errors.append(e.code())
+
+    senders = [threading.Thread(target=send) for _ in range(4)]
+    for t in senders:
+        t.start()
+    while any(t.is_alive() for t in senders):
+        start = time.time()
+        assert client.health() == "SERVING"
+        latencies.append(time.time() - start)
+    assert errors == [grpc.StatusCode.INVALID_ARGUMENT] * 4
+    assert len(latencies) >= 3 and max(latencies) < 0.5, latencies
+
+
+def test_client_ids_never_collide_with_the_servers(server):
+    """The server keeps its own ids: client ids that look like them, given while id-less
+    requests are in flight, are fine; the response carries the client's id, or a fresh one."""
+    client, _ = server
+    results = {}
+
+    def call(key, **options):
+        results[key] = client.generate([5, 6, 7], max_tokens=20, temperature=0,
+                                       ignore_eos=True, **options)
+
+    calls = [threading.Thread(target=call, args=(f"none-{i}",)) for i in range(4)]
+    calls += [threading.Thread(target=call, args=(str(i),), kwargs={"request_id": str(i)})
+              for i in range(4)]
+    for t in calls:
+        t.start()
+    for t in calls:
+        t.join(timeout=60)
+    assert len(results) == 8
+    assert len({tuple(r.token_ids) for r in results.values()}) == 1
+    assert [results[str(i)].request_id for i in range(4)] == ["0", "1", "2", "3"]
+    made = {results[f"none-{i}"].request_id for i in range(4)}
+    assert len(made) == 4 and all(m.startswith("srv-") for m in made)
 
 
 def test_chat_goes_through_the_template_and_matches_the_offline_api(server, tiny_model):
@@ -267,7 +327,8 @@ def test_replicas_share_the_load_and_agree(ray_cluster, tiny_model):
         for t in threads:
             t.join(timeout=120)
         assert [list(results[i].token_ids) for i in range(6)] == [o.token_ids for o in offline]
-        served = metrics(info)
-        assert 'shardserve_kv_blocks_total{replica="1"}' in served
+        served = {r.replica: r.finished for r in client.model_info().replica_states}
+        assert served[0] > 0 and served[1] > 0 and sum(served.values()) == 6, served
+        assert 'shardserve_kv_blocks_total{replica="1"}' in metrics(info)
     finally:
         stop()
