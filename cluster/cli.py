@@ -24,7 +24,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         args.model = str(resolve_model(args.model))
     shape = model_shape(AutoConfig.from_pretrained(args.model))
-    memory = parse_bytes(args.memory) if args.memory else _available_memory()
+    if args.memory:
+        memory = parse_bytes(args.memory)
+    else:
+        from shardserve.workers.memory import host_memory
+
+        memory = host_memory().available_bytes
     plan = plan_memory(shape, args.dtype, memory, args.seq_len, args.tensor_parallel_size,
                        args.pipeline_parallel_size)
     print(format_plan(shape, plan))
@@ -116,14 +121,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"{usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens]",
           file=sys.stderr)
     return 0
-
-
-def _available_memory() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read /proc/meminfo; pass --memory")
 
 
 def build_parser() -> argparse.ArgumentParser:

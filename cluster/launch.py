@@ -8,13 +8,22 @@ of a replica as one group instead.
 
 Each batch flows through the stages as a chain of Ray tasks. The engine keeps several
 batches (lanes) in flight, so stage s works on one batch while stage s+1 works on another.
+Every rank's task is watched, not only the one that returns the result: an error on any rank
+reaches the engine at once with its own message, instead of as another rank's collective
+timing out minutes later.
+
+Each shard resolves the model on its own node (nodes need not share a filesystem; the default
+GGUF model is converted on every node that runs a shard).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
+import time
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -153,7 +162,7 @@ class RayExecutor:
                 node = bundle_nodes[(id(group), index)]
                 threads = self.config.num_threads or max(
                     1, int(nodes[node]["Resources"].get("CPU", 1)) // shards_per_node[node])
-                spec = ShardSpec(model=self.model_dir, dtype=self.config.dtype,
+                spec = ShardSpec(model=self.config.model, dtype=self.config.dtype,
                                  device=self.config.device, tp_rank=r, tp_size=tp, pp_rank=s,
                                  pp_size=pp, layer_range=self.layers[s],
                                  sequence_parallel=p.sequence_parallel, num_threads=threads,
@@ -173,10 +182,10 @@ class RayExecutor:
                                        for a in stage])
         except ray.exceptions.RayError as e:
             self.shutdown()
-            raise RuntimeError(f"shards failed to start: {e}") from None
-        self._node_shares = {id(a): shards_per_node[bundle_nodes[(id(slots[s][r][0]),
-                                                                  slots[s][r][1])]]
-                             for s in range(pp) for r, a in enumerate(self.stages[s])}
+            raise RuntimeError(f"shards failed to start: {describe_ray_error(e)}") from None
+        # Shards on one node share its host memory; GPU shards share only a GPU.
+        domains = [info["memory_domain"] for info in self.shard_info]
+        self._memory_shares = [domains.count(d) for d in domains]
 
     def _all_shards(self) -> list:
         return [a for stage in self.stages for a in stage]
@@ -206,38 +215,95 @@ class RayExecutor:
 
     def kv_blocks_that_fit(self, block_size: int, budget_bytes: int | None,
                            memory_fraction: float) -> int:
-        """The number every shard can hold: the minimum over shards. Shards sharing a node
-        share its memory fraction."""
-        counts = ray.get([a.kv_blocks_that_fit.remote(
-            block_size, budget_bytes, memory_fraction / self._node_shares[id(a)])
-            for a in self._all_shards()])
-        return min(counts)
+        """The number every shard can hold: the minimum over shards. Shards sharing memory
+        (a node's host memory, or one GPU) share its fraction."""
+        return min(self._on_every_shard(
+            lambda a, shares: a.kv_blocks_that_fit.remote(block_size, budget_bytes,
+                                                          memory_fraction / shares)))
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        self._on_every_shard(lambda a, _: a.allocate_kv.remote(num_blocks, block_size))
         self._kv = (num_blocks, block_size)
-        ray.get([a.allocate_kv.remote(num_blocks, block_size) for a in self._all_shards()])
 
-    def submit(self, plan: StepPlan) -> ray.ObjectRef:
-        """Chain the plan through the stages; returns the last stage's result reference.
-        Each stage's TP ranks all get the plan; rank 0 passes the hidden states on."""
-        hidden = None
-        for stage in self.stages:
-            outs = [shard.execute.remote(plan, hidden) for shard in stage]
-            hidden = outs[0]
-        return hidden
-
-    def wait_any(self, handles: dict[int, ray.ObjectRef]) -> tuple[int, StepResult]:
-        keys = {ref: key for key, ref in handles.items()}
-        ready, _ = ray.wait(list(keys), num_returns=1,
-                            timeout=self.config.parallel.step_timeout_s)
-        if not ready:
-            raise ExecutorError(f"no step finished within {self.config.parallel.step_timeout_s}"
-                                "s (parallel.step_timeout_s); a shard is stuck")
+    def _on_every_shard(self, call) -> list:
+        """Call every shard; a shard's own ValueError (say, a KV budget that does not fit)
+        comes back as that ValueError."""
+        refs = [call(a, shares) for a, shares in zip(self._all_shards(), self._memory_shares)]
         try:
-            return keys[ready[0]], ray.get(ready[0])
-        except ray.exceptions.RayError as e:
-            raise ExecutorError(f"a model shard failed: {type(e).__name__}: "
-                                f"{_first_line(e)}") from e
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, ValueError):
+                raise ValueError(str(e.cause)) from None
+            raise
+
+    def submit(self, plan: StepPlan) -> "InFlightStep":
+        """Chain the plan through the stages. Each stage's TP ranks all get the plan; rank 0
+        passes the hidden states on, and the last stage's rank 0 returns the result."""
+        step = InFlightStep()
+        hidden = None
+        for s, stage in enumerate(self.stages):
+            outs = [shard.execute.remote(plan, hidden) for shard in stage]
+            # Rank 0's hidden states are not fetched here: an error in them reaches every
+            # rank of the next stage, whose tasks are watched.
+            for r, ref in enumerate(outs):
+                if r > 0 or s == len(self.stages) - 1:
+                    step.watch(ref, s, r)
+            hidden = outs[0]
+        step.result_ref = hidden
+        return step
+
+    def wait_any(self, handles: dict[int, "InFlightStep"]) -> tuple[int, StepResult]:
+        """The first step whose every watched rank has finished; the first rank error seen
+        fails at once, naming the shard that raised it."""
+        timeout = self.config.parallel.step_timeout_s
+        deadline = time.monotonic() + timeout
+        while True:
+            watched = {ref: key for key, step in handles.items() for ref in step.pending}
+            ready, _ = ray.wait(list(watched), num_returns=1,
+                                timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise ExecutorError(f"no step finished within {timeout}s "
+                                    "(parallel.step_timeout_s); a shard is stuck")
+            ref = ready[0]
+            key, step = watched[ref], handles[watched[ref]]
+            try:
+                value = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise ExecutorError(self._failure(step, ref, e)) from e
+            del step.pending[ref]
+            if ref == step.result_ref:
+                step.result = value
+            if not step.pending:
+                return key, step.result
+
+    def _failure(self, step: "InFlightStep", ref, first: BaseException) -> str:
+        """What failed, told by its cause: when one rank dies or raises, its peers fail too
+        (their collectives lose a member), so the other ranks get a moment to report, and a
+        death or an error of the shard's own beats a collective that merely broke."""
+        failures = [(first, *step.pending[ref])]
+        others = [r for r in step.pending if r != ref]
+        if others:
+            ready, _ = ray.wait(others, num_returns=len(others), timeout=FAILURE_GRACE_S)
+            for other in ready:
+                try:
+                    ray.get(other)
+                except ray.exceptions.RayError as e:
+                    failures.append((e, *step.pending[other]))
+        error, stage, rank = min(failures, key=lambda f: _symptom_rank(f[0]))
+        text = f"a model shard failed: {self._where(error, stage, rank)}: "
+        return text + describe_ray_error(error)
+
+    def _where(self, error: BaseException, stage: int, rank: int) -> str:
+        """The shard an error came from: the one whose process raised it (its pid is in the
+        message; an error passes down the pipeline to later stages), else the one watched."""
+        pids = re.findall(r"pid[=: ]+(\d+)", str(error))
+        tp = self.config.parallel.tensor_parallel_size
+        for index, info in enumerate(self.shard_info):
+            if pids and str(info["pid"]) == pids[0]:
+                stage, rank = divmod(index, tp)
+                break
+        host = self.shard_info[stage * tp + rank]["hostname"]
+        return f"stage {stage} rank {rank} on {host}"
 
     def stats(self) -> list[dict]:
         """Per shard: busy seconds and steps (micro-batches) run, for bubble measurements."""
@@ -247,6 +313,42 @@ class RayExecutor:
         return {"shards": self.shard_info}
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[-1] if text else repr(e)
+@dataclass(eq=False)
+class InFlightStep:
+    """One submitted step: the rank tasks still running (with their stage and rank)."""
+
+    pending: dict = field(default_factory=dict)  # ObjectRef -> (stage, rank)
+    result_ref: object = None
+    result: StepResult | None = None
+
+    def watch(self, ref, stage: int, rank: int) -> None:
+        self.pending[ref] = (stage, rank)
+
+
+# How long the other ranks of a failed step get to report their own errors.
+FAILURE_GRACE_S = 1.0
+_COLLECTIVE_ERRORS = ("DistBackendError", "gloo", "NCCL", "Connection closed by peer",
+                      "Connection reset")
+
+
+def _symptom_rank(e: BaseException) -> int:
+    """0: a shard's process died; 1: a shard raised an error of its own; 2: a collective
+    broke because a peer went away."""
+    if isinstance(e, ray.exceptions.RayActorError):
+        return 0
+    text = describe_ray_error(e)
+    return 2 if any(mark in text for mark in _COLLECTIVE_ERRORS) else 1
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def describe_ray_error(e: BaseException) -> str:
+    """The error a shard raised, in one line: "ValueError: ..." rather than Ray's traceback."""
+    cause = getattr(e, "cause", None)
+    if isinstance(e, ray.exceptions.RayTaskError) and cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    lines = [line.strip() for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
+    if isinstance(e, ray.exceptions.ActorDiedError) and "creation task" not in str(e):
+        return f"{type(e).__name__}: the shard's process died ({lines[0] if lines else e!r})"
+    return lines[-1] if lines else f"{type(e).__name__}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shardserve.workers.memory import human_bytes
 from shardserve.workers.models import ModelShape
 from shardserve.workers.parallel import split_range
 
@@ -63,14 +64,6 @@ def plan_memory(shape: ModelShape, dtype: str, memory_bytes: int, seq_len: int,
         max_sequences=tokens // seq_len, tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size, shard_weights_bytes=shard_weights,
         shard_kv_bytes_per_token=shard_per_token)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def format_plan(shape: ModelShape, plan: MemoryPlan) -> str:

@@ -3,6 +3,8 @@ greedy tokens; a killed shard is replaced and its requests recomputed."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 from tiny import hf_greedy, mixed_prompts
@@ -75,6 +77,29 @@ def test_preemption_across_shards(ray_cluster, tiny_model):
         llm.shutdown()
 
 
+def test_an_error_on_a_rank_reaches_the_engine_at_once_with_its_own_message(ray_cluster,
+                                                                            tiny_model):
+    """A plan no shard can run (a block outside the pool) fails every rank with its own
+    error; the engine hears it in seconds, not after the 120 s collective timeout."""
+    from shardserve.cluster.executor import ExecutorError
+    from shardserve.workers.step import SequenceStep, StepPlan
+
+    llm = serve(tiny_model("llama-gqa"), tensor_parallel_size=2, num_kv_blocks=16,
+                collective_timeout_s=120)
+    try:
+        executor = llm.engine.executor
+        bad = SequenceStep(seq_id=0, token_ids=[5, 6], start_position=0, block_table=[10 ** 6],
+                           sample=True, params=SamplingParams(temperature=0), seed=0,
+                           num_generated=0)
+        start = time.time()
+        with pytest.raises(ExecutorError, match=r"a model shard failed: stage 0 rank [01] on .*"
+                                                r"(IndexError|RuntimeError).*index"):
+            executor.wait_any({0: executor.submit(StepPlan(0, [bad]))})
+        assert time.time() - start < 20
+    finally:
+        llm.shutdown()
+
+
 def test_a_layout_that_cannot_divide_the_model_fails_at_start(ray_cluster, tiny_model):
     with pytest.raises(ValueError, match="tensor_parallel_size 8 exceeds the 4 attention heads"):
         serve(tiny_model("llama-gqa"), tensor_parallel_size=8)
@@ -131,8 +156,9 @@ def test_second_failure_ends_requests_with_an_error_and_the_engine_serves_again(
             outputs += engine.step()
         failed = [o for o in outputs if o.finished]
         assert len(failed) == 3
-        assert all(o.finish_reason == "error" and "model shard failed" in o.error
-                   for o in failed)
+        # The error names the rank that died, not its peer's broken collective.
+        assert all(o.finish_reason == "error" and "model shard failed: stage 0 rank 1" in o.error
+                   and "process died" in o.error for o in failed), failed[0].error
         assert engine.kv.num_free_blocks == engine.kv.num_blocks
         again = llm.generate([prompts[0]], SamplingParams(max_tokens=5, temperature=0))[0]
         assert again.token_ids == hf_greedy(model_dir, [prompts[0]], [5])[0]

@@ -19,6 +19,7 @@ from .layers.attention import Workspace, build_metadata
 from .layers.cpu_gemm import PackableLinear
 from .layers.sampler import sample
 from .loader import CheckpointReader, resolve_model
+from .memory import host_memory, human_bytes
 from .models import ModelShape, model_shape
 from .models.llama import LlamaForCausalLM
 from .parallel import ParallelContext
@@ -74,15 +75,37 @@ def cpu_has_fast_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def free_memory_bytes(device: torch.device) -> int:
+def free_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes this shard may still allocate on its device, and where that figure comes from:
+    the GPU's own free memory, or on CPU the host's, capped by the container's cgroup limit."""
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return free
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+        free, total = torch.cuda.mem_get_info(device)
+        return free, f"{human_bytes(free)} free of {human_bytes(total)} on {device}"
+    report = host_memory()
+    return report.available_bytes, report.describe()
+
+
+def _ray():
+    """The ray module when this process is part of a Ray cluster, else None (the offline API
+    runs without Ray, even without it installed)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray if ray.is_initialized() else None
+
+
+def _ray_node_id() -> str | None:
+    ray = _ray()
+    return ray.get_runtime_context().get_node_id() if ray else None
+
+
+def where_this_runs() -> str:
+    """This process's host, as a person would look for it: "hostname (node IP)"."""
+    ray = _ray()
+    if ray:
+        return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    return socket.gethostname()
 
 
 class Shard:
@@ -107,7 +130,14 @@ class Shard:
 
         from transformers import AutoConfig
 
-        model_dir = resolve_model(spec.model)
+        # Resolved here, on this shard's own node: its filesystem may not be the driver's (a
+        # Kubernetes pod, a ray-up worker), and a GGUF model is converted where it is used.
+        try:
+            model_dir = resolve_model(spec.model)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"the shard for pipeline stage {spec.pp_rank}, tensor rank "
+                                    f"{spec.tp_rank} on node {where_this_runs()} cannot load "
+                                    f"the model: {e}") from None
         hf_config = AutoConfig.from_pretrained(model_dir)
         self.shape: ModelShape = model_shape(hf_config)
         layer_range = spec.layer_range or (0, self.shape.num_layers)
@@ -134,16 +164,44 @@ class Shard:
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * len(self.model.layers) * num_kv * block_size * self.shape.head_dim * element
 
+    def weights_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.parameters())
+
     def kv_blocks_that_fit(self, block_size: int, budget_bytes: int | None,
                            memory_fraction: float) -> int:
         """How many blocks this shard can hold: an explicit byte budget, or a fraction of the
-        memory free now (after the weights are loaded)."""
-        if budget_bytes is None:
-            budget_bytes = int(free_memory_bytes(self.device) * memory_fraction)
+        memory free now (after the weights are loaded). A budget that does not fit is refused
+        with the numbers."""
         per_block = self.kv_block_bytes(block_size)
-        return budget_bytes // per_block if per_block else 2 ** 31
+        if not per_block:
+            return 2 ** 31  # a stage without layers keeps no KV
+        free, where = free_memory(self.device)
+        if budget_bytes is None:
+            budget_bytes = int(free * memory_fraction)
+        elif budget_bytes > free:
+            raise ValueError(self._does_not_fit(
+                f"kv_cache.kv_cache_memory asks for {human_bytes(budget_bytes)} of KV cache",
+                where, "lower kv_cache.kv_cache_memory"))
+        blocks = budget_bytes // per_block
+        if blocks < 1:
+            raise ValueError(self._does_not_fit(
+                f"the KV budget of {human_bytes(budget_bytes)} holds no block of {block_size} "
+                f"tokens ({human_bytes(per_block)} each)", where,
+                "raise kv_cache.kv_cache_memory or kv_cache.kv_memory_fraction"))
+        return blocks
+
+    def _does_not_fit(self, what: str, where: str, fix: str) -> str:
+        return (f"{what} on the shard for pipeline stage {self.spec.pp_rank}, tensor rank "
+                f"{self.spec.tp_rank} ({where_this_runs()}, {self.device}); its weights take "
+                f"{human_bytes(self.weights_bytes())} and {where}: {fix}")
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        needed = num_blocks * self.kv_block_bytes(block_size)
+        free, where = free_memory(self.device)
+        if needed > free:
+            raise ValueError(self._does_not_fit(
+                f"{num_blocks} KV blocks of {block_size} tokens need {human_bytes(needed)}",
+                where, "lower kv_cache.num_kv_blocks"))
         self.block_size = block_size
         self.kv_caches = []
         for layer in self.model.layers:
@@ -167,13 +225,15 @@ class Shard:
 
     @torch.inference_mode()
     def _execute(self, plan: StepPlan, hidden: torch.Tensor | None):
-        # Decodes first: the attention batches them together. Every shard orders the same way,
-        # so hidden-state rows line up between pipeline stages.
-        seqs = sorted(plan.seqs, key=lambda s: len(s.token_ids) != 1)
+        # Decodes first, longest first: the attention batches them together, in groups of
+        # similar length. Every shard orders the same way, so hidden-state rows line up
+        # between pipeline stages.
+        seqs = sorted(plan.seqs, key=lambda s: (len(s.token_ids) != 1,
+                                                -s.context_length if len(s.token_ids) == 1 else 0))
         token_ids = [t for s in seqs for t in s.token_ids]
         positions = [p for s in seqs for p in range(s.start_position, s.context_length)]
         meta = build_metadata(seqs, self.block_size, self.shape.sliding_window,
-                              self.workspace, self.device)
+                              self.workspace, self.device, self.model.rotary.dynamic)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         if hidden is not None:
@@ -201,11 +261,13 @@ class Shard:
         return {"busy_seconds": self.busy_seconds, "steps": self.steps}
 
     def describe(self) -> dict:
-        import ray
-
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        node = _ray_node_id()
+        # Shards that share a memory_domain share its free memory when the KV cache is sized.
+        domain = (torch.cuda.get_device_properties(self.device).uuid if self.device.type == "cuda"
+                  else "host")
         return {"node_id": node, "hostname": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "memory_domain": f"{node}:{domain}",
                 "layers": list(self.model.layer_range), "tp_rank": self.spec.tp_rank,
                 "pp_rank": self.spec.pp_rank, "threads": torch.get_num_threads()}
 
