@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from tiny import VOCAB, hf_greedy, mixed_prompts, set_eos
+from tiny import EOS, VOCAB, hf_greedy, mixed_prompts, set_eos
 
 from shardserve import LLM, SamplingParams
 
@@ -124,5 +124,16 @@ def test_stop_string_is_cut_from_the_text(llm):
     assert result.token_ids == free_run.token_ids[:len(result.token_ids)]
 
 
-def test_vocab_is_what_the_tests_assume(llm):
-    assert llm.engine.shape.vocab_size == VOCAB
+def test_the_tiny_vocabulary_behaves_as_the_tests_assume(llm):
+    """What the stop-string and EOS tests above rely on: token i is the word w{i} both ways,
+    EOS is the last id, and the engine accepts exactly the ids 0..VOCAB-1."""
+    engine = llm.engine
+    assert engine.tokenize("w5 w998 w0") == [5, 998, 0]
+    assert engine.tokenizer.decode([5, 998, 0]) == "w5 w998 w0"
+    assert engine.eos_token_ids == {EOS} == {VOCAB - 1}
+    engine.validate([0, VOCAB - 1], SamplingParams())
+    with pytest.raises(ValueError, match=f"outside the vocabulary \\(0..{VOCAB - 1}\\)"):
+        engine.validate([VOCAB], SamplingParams())
+    # Generation stops at EOS unless told not to.
+    free = llm.generate([[5, 6]], SamplingParams(max_tokens=50, temperature=0))[0]
+    assert EOS not in free.token_ids[:-1]

@@ -48,14 +48,15 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_tiny_model(path: Path, variant: str, seed: int = 0, eos_token_id: int = EOS,
-                    num_layers: int = 2) -> Path:
+                    num_layers: int = 2, **overrides) -> Path:
+    """`overrides`: config fields to change, e.g. rope_parameters or max_position_embeddings."""
     config_cls, heads, kv_heads, extra = VARIANTS[variant]
     torch.manual_seed(seed)
-    config = config_cls(
-        hidden_size=16 * heads, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=VOCAB,
-        max_position_embeddings=256, eos_token_id=eos_token_id, bos_token_id=1,
-        pad_token_id=0, initializer_range=0.2, **extra)
+    fields = dict(hidden_size=16 * heads, intermediate_size=128, num_hidden_layers=num_layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=VOCAB,
+                  max_position_embeddings=256, eos_token_id=eos_token_id, bos_token_id=1,
+                  pad_token_id=0, initializer_range=0.2)
+    config = config_cls(**{**fields, **extra, **overrides})
     # A larger init than the default spreads the logits, so argmax ties (which float noise
     # could break either way) do not occur.
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -73,11 +74,15 @@ def set_eos(model_dir: Path, eos_token_id: int) -> None:
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: list[int],
-              ignore_eos: bool = False) -> list[list[int]]:
-    """transformers' generate, one prompt at a time (no padding), greedy."""
+              ignore_eos: bool = False, fresh_model: bool = False) -> list[list[int]]:
+    """transformers' generate, one prompt at a time (no padding), greedy. `fresh_model`: a new
+    model per prompt, for rope variants whose transformers module keeps state across calls
+    (dynamic scaling keeps the frequencies of the longest sequence it has seen)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     outputs = []
     for prompt, n in zip(prompts, max_tokens):
+        if fresh_model:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         extra = {"min_new_tokens": n} if ignore_eos else {}
         with torch.inference_mode():
             out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),

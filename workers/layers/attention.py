@@ -5,8 +5,12 @@ Heads lead so that gathering a batch's blocks (`index_select` on dim 1) yields k
 [kv_heads, batch, context, head_dim] order, ready for SDPA without another copy.
 
 Decodes (one new token each) are attended together: on CPU by a C kernel that reads the
-blocks in place (`workers/kernels/`), elsewhere by one SDPA call over their gathered, padded
-contexts. Each prefill chunk is attended on its own with SDPA and a causal mask.
+blocks in place (`workers/kernels/`), elsewhere (GPU) by SDPA over gathered blocks. That
+gather copies only the blocks each sequence uses, in groups of sequences of similar length
+(the shard orders decodes longest first) of at most DECODE_GATHER_TOKENS slots, so its
+workspace stays small beside the KV cache whatever the batch and context. Each prefill chunk
+is attended on its own with SDPA: plain causal when it reads no cached tokens, else over its
+own blocks with a mask.
 """
 
 from __future__ import annotations
@@ -70,6 +74,21 @@ class PrefillSpan:
     mask: torch.Tensor | None  # [length, context] bool; None means plain causal
 
 
+# The torch decode path gathers at most this many key (and value) slots per KV head at once.
+DECODE_GATHER_TOKENS = 32768
+
+
+@dataclass
+class DecodeGroup:
+    """Decode rows [start, end) attended by one SDPA call over their gathered blocks."""
+
+    start: int
+    end: int
+    block_ids: torch.Tensor  # [(end - start) * blocks], each row padded with block 0
+    blocks: int  # blocks per row: the longest row's
+    mask: torch.Tensor  # [end - start, 1, blocks * block_size] bool: the keys each row sees
+
+
 @dataclass
 class AttentionMetadata:
     """Built once per step from the plan, shared by every layer."""
@@ -80,9 +99,35 @@ class AttentionMetadata:
     decode_block_ids: torch.Tensor  # [num_decode * blocks_per_seq], padded with block 0
     decode_blocks_per_seq: int
     decode_context_lens: torch.Tensor  # [num_decode] int64
-    decode_mask: torch.Tensor | None  # [num_decode, 1, blocks_per_seq * block_size] bool
     prefills: list[PrefillSpan]
     workspace: "Workspace"
+    block_size: int = 16
+    sliding_window: int | None = None
+    # Per token, its sequence's length at this step; only for length-dependent rope scaling.
+    token_seq_lens: torch.Tensor | None = None
+
+    @cached_property
+    def decode_groups(self) -> list[DecodeGroup]:
+        """For the torch decode path (the C kernel needs none), made on first use."""
+        lengths = self.decode_context_lens.tolist()
+        table = self.decode_block_ids.view(self.num_decode, -1)
+        groups, start = [], 0
+        while start < self.num_decode:
+            blocks = -(-lengths[start] // self.block_size)  # rows come longest first
+            end = start + 1
+            while (end < self.num_decode
+                   and (end + 1 - start) * blocks * self.block_size <= DECODE_GATHER_TOKENS):
+                blocks = max(blocks, -(-lengths[end] // self.block_size))
+                end += 1
+            key_pos = torch.arange(blocks * self.block_size, device=table.device)
+            ctx = self.decode_context_lens[start:end, None]
+            mask = key_pos[None, :] < ctx
+            if self.sliding_window is not None:
+                mask &= key_pos[None, :] > ctx - 1 - self.sliding_window
+            groups.append(DecodeGroup(start, end, table[start:end, :blocks].reshape(-1), blocks,
+                                      mask.unsqueeze(1)))
+            start = end
+        return groups
 
 
 class Workspace:
@@ -103,26 +148,21 @@ class Workspace:
 
 
 def build_metadata(seqs, block_size: int, sliding_window: int | None,
-                   workspace: Workspace, device: torch.device) -> AttentionMetadata:
-    """`seqs`: SequenceSteps ordered with every single-token decode first."""
+                   workspace: Workspace, device: torch.device,
+                   token_seq_lens: bool = False) -> AttentionMetadata:
+    """`seqs`: SequenceSteps ordered with every single-token decode first, longest first."""
     slots: list[int] = []
     for s in seqs:
         for pos in range(s.start_position, s.context_length):
             slots.append(s.block_table[pos // block_size] * block_size + pos % block_size)
     decodes = [s for s in seqs if len(s.token_ids) == 1]
     num_decode = len(decodes)
-    decode_ids, decode_mask, blocks_per_seq = [], None, 0
+    decode_ids, blocks_per_seq = [], 0
     if num_decode:
         blocks_per_seq = max(-(-s.context_length // block_size) for s in decodes)
         for s in decodes:
             used = s.block_table[:-(-s.context_length // block_size)]
             decode_ids.extend(used + [0] * (blocks_per_seq - len(used)))
-        key_pos = torch.arange(blocks_per_seq * block_size, device=device)
-        ctx = torch.tensor([s.context_length for s in decodes], device=device)
-        decode_mask = key_pos[None, :] < ctx[:, None]
-        if sliding_window is not None:
-            decode_mask &= key_pos[None, :] > (ctx[:, None] - 1 - sliding_window)
-        decode_mask = decode_mask.unsqueeze(1)
     prefills = []
     row = num_decode
     for s in seqs[num_decode:]:
@@ -146,9 +186,12 @@ def build_metadata(seqs, block_size: int, sliding_window: int | None,
         decode_blocks_per_seq=blocks_per_seq,
         decode_context_lens=torch.tensor([s.context_length for s in decodes], dtype=torch.long,
                                          device=device),
-        decode_mask=decode_mask,
         prefills=prefills,
         workspace=workspace,
+        block_size=block_size,
+        sliding_window=sliding_window,
+        token_seq_lens=torch.tensor([s.context_length for s in seqs for _ in s.token_ids],
+                                    dtype=torch.long, device=device) if token_seq_lens else None,
     )
 
 
@@ -217,25 +260,31 @@ def _kv_of_q_tensor(heads: HeadLayout, device: torch.device) -> torch.Tensor:
 
 def _decode_torch(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: HeadLayout,
                   scale: float, kv_of_q: torch.Tensor | None) -> None:
-    """Gather every decode's blocks into a padded batch, then one SDPA call (any device)."""
+    """Per group of decodes, gather the blocks they use, then one SDPA call (any device)."""
+    for g in meta.decode_groups:
+        _decode_group(q[g.start:g.end], out[g.start:g.end], k_cache, v_cache, g, meta.workspace,
+                      heads, scale, kv_of_q)
+
+
+def _decode_group(q, out, k_cache, v_cache, g: DecodeGroup, workspace: Workspace,
+                  heads: HeadLayout, scale: float, kv_of_q: torch.Tensor | None) -> None:
     num_kv, _, block_size, head_dim = k_cache.shape
     nd = q.shape[0]
-    shape = (num_kv, meta.decode_block_ids.numel(), block_size, head_dim)
-    keys = meta.workspace.get(0, shape)
-    values = meta.workspace.get(1, shape)
-    torch.index_select(k_cache, 1, meta.decode_block_ids, out=keys)
-    torch.index_select(v_cache, 1, meta.decode_block_ids, out=values)
+    shape = (num_kv, g.block_ids.numel(), block_size, head_dim)
+    keys = workspace.get(0, shape)
+    values = workspace.get(1, shape)
+    torch.index_select(k_cache, 1, g.block_ids, out=keys)
+    torch.index_select(v_cache, 1, g.block_ids, out=values)
     keys = keys.view(num_kv, nd, -1, head_dim)
     values = values.view(num_kv, nd, -1, head_dim)
     if kv_of_q is None:
         group = heads.num_q // num_kv
         # [H_kv, nd, group, D]: the group's queries share one key set, no KV copies.
-        q = q.view(nd, num_kv, group, head_dim).permute(1, 0, 2, 3)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.decode_mask,
-                                           scale=scale)
+        q = q.reshape(nd, num_kv, group, head_dim).permute(1, 0, 2, 3)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=g.mask, scale=scale)
         out.copy_(o.permute(1, 0, 2, 3).reshape(nd, heads.num_q, head_dim))
     else:
         keys, values = keys.index_select(0, kv_of_q), values.index_select(0, kv_of_q)
         o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(2), keys, values,
-                                           attn_mask=meta.decode_mask, scale=scale)
+                                           attn_mask=g.mask, scale=scale)
         out.copy_(o.squeeze(2).transpose(0, 1))

@@ -22,6 +22,7 @@ class ModelShape:
     head_dim: int
     rms_norm_eps: float
     max_position_embeddings: int
+    max_context_len: int  # the longest sequence its positions cover (see context_limit)
     tie_word_embeddings: bool
     qkv_bias: bool
     o_bias: bool
@@ -40,6 +41,29 @@ class ModelShape:
         per_layer = attn + mlp + 2 * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embed + h
+
+
+def rope_parameters(hf_config) -> dict:
+    """Rope settings from either config style: transformers 5 keeps them in `rope_parameters`,
+    older checkpoints use top-level `rope_theta` and `rope_scaling`."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    if "rope_theta" not in params:
+        params["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    for key, value in scaling.items():
+        params.setdefault(key, value)
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def context_limit(hf_config) -> int:
+    """The longest sequence the model's positions cover: max_position_embeddings, or with
+    dynamic NTK scaling that times its factor (as vLLM serves it), since that scaling exists
+    to go past the trained length."""
+    params = rope_parameters(hf_config)
+    if params["rope_type"] == "dynamic":
+        return int(hf_config.max_position_embeddings * float(params.get("factor", 1.0)))
+    return hf_config.max_position_embeddings
 
 
 def model_shape(hf_config) -> ModelShape:
@@ -76,6 +100,7 @@ def model_shape(hf_config) -> ModelShape:
         head_dim=head_dim,
         rms_norm_eps=hf_config.rms_norm_eps,
         max_position_embeddings=hf_config.max_position_embeddings,
+        max_context_len=context_limit(hf_config),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,

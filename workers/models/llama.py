@@ -16,7 +16,7 @@ from ..layers.attention import AttentionMetadata, HeadLayout, paged_attention
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.linear import ColumnParallelLinear, RowParallelLinear
 from ..layers.norm import RMSNorm
-from ..layers.rotary import RotaryEmbedding
+from ..layers.rotary import RotaryEmbedding, apply_rotary
 from ..parallel import ParallelContext, split_range
 from . import ModelShape
 
@@ -45,12 +45,12 @@ class LlamaAttention(nn.Module):
         bias = reader.get(f"{prefix}.o_proj.bias") if self.o_proj.bias is not None else None
         self.o_proj.load(reader.get(f"{prefix}.o_proj.weight"), bias)
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, rotary) -> torch.Tensor:
+    def forward(self, cos_sin, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         padded = x.shape[0]
         x = x[:meta.num_tokens]  # sequence parallelism pads the batch to a multiple of TP
         t, d, h = x.shape[0], self.head_dim, self.heads
         q, k, v = self.qkv_proj(x).split([h.num_q * d, h.num_kv * d, h.num_kv * d], dim=-1)
-        q, k = rotary(positions, q.view(t, h.num_q, d), k.view(t, h.num_kv, d))
+        q, k = apply_rotary(q.view(t, h.num_q, d), k.view(t, h.num_kv, d), *cos_sin)
         out = paged_attention(q, k, v.view(t, h.num_kv, d), kv_cache[0], kv_cache[1], meta,
                               h, self.scale, self.window).view(t, h.num_q * d)
         if padded > t:
@@ -101,10 +101,9 @@ class LlamaDecoderLayer(nn.Module):
         # projections need all of them.
         return self.ctx.all_gather_tokens(x) if self.ctx.sequence_parallel else x
 
-    def forward(self, positions, hidden, kv_cache, meta, rotary) -> torch.Tensor:
+    def forward(self, cos_sin, hidden, kv_cache, meta) -> torch.Tensor:
         residual = hidden
-        x = self.self_attn(positions, self._gather(self.input_layernorm(hidden)), kv_cache, meta,
-                           rotary)
+        x = self.self_attn(cos_sin, self._gather(self.input_layernorm(hidden)), kv_cache, meta)
         hidden = residual + x
         residual = hidden
         x = self.mlp(self._gather(self.post_attention_layernorm(hidden)))
@@ -121,8 +120,8 @@ class LlamaForCausalLM(nn.Module):
                                                        dtype, device)
         self.layers = nn.ModuleList(LlamaDecoderLayer(shape, ctx, dtype, device)
                                     for _ in range(*layer_range))
-        self.rotary = RotaryEmbedding(hf_config, shape.head_dim, shape.max_position_embeddings,
-                                      dtype, device)
+        self.rotary = RotaryEmbedding(hf_config, shape.head_dim, shape.max_context_len, dtype,
+                                      device)
         if ctx.is_last_stage:
             self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype, device)
             self.lm_head = ParallelLMHead(shape.vocab_size, shape.hidden_size, ctx, dtype, device)
@@ -151,8 +150,9 @@ class LlamaForCausalLM(nn.Module):
             hidden = F.pad(hidden, (0, 0, 0, _padding(hidden.shape[0], ctx.tp_size)))
             chunk = hidden.shape[0] // ctx.tp_size
             hidden = hidden[ctx.tp_rank * chunk:(ctx.tp_rank + 1) * chunk]
+        cos_sin = self.rotary.cos_sin(positions, meta.token_seq_lens)  # once for every layer
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, kv_cache, meta, self.rotary)
+            hidden = layer(cos_sin, hidden, kv_cache, meta)
         if ctx.sequence_parallel:
             hidden = ctx.all_gather_tokens(hidden)[:meta.num_tokens]
         return hidden
