@@ -85,6 +85,8 @@ def start_server_actor(engine_config: EngineConfig, server_config: ServerConfig)
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from .launch import describe_ray_error
+
     actor = ray.remote(ServerActor).options(
         num_cpus=0, max_concurrency=10_000, max_restarts=0,
         # Our blocking ray.get calls run on engine-loop threads, never on the event loop.
@@ -94,7 +96,7 @@ def start_server_actor(engine_config: EngineConfig, server_config: ServerConfig)
     ).remote(engine_config, server_config)
     try:
         info = ray.get(actor.start.remote())
-    except Exception:
+    except ray.exceptions.RayError as e:
         ray.kill(actor)
-        raise
+        raise RuntimeError(f"the server did not start: {describe_ray_error(e)}") from None
     return actor, info

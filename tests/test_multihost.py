@@ -57,15 +57,33 @@ def ray_dir(name: str) -> str:
     return f"{RAY_TMP}/{name}"
 
 
+def cache_of(name: str) -> Path:
+    """Each host's own shardserve cache: hosts share this machine's disk, but not this."""
+    return Path(RAY_TMP) / f"cache-{name}"
+
+
+def host_env(name: str) -> dict:
+    return {**ENV, "SHARDSERVE_CACHE": str(cache_of(name))}
+
+
+# A directory w2 does not see (a tmpfs over it in w2's mount namespace): one a node lacks.
+HIDDEN_ON_W2 = f"{RAY_TMP}/only-on-some-hosts"
+
+
 def start_worker(host, head_ip: str, logs: Path):
     # Its own temp dir: hosts share this machine's filesystem, and two raylets writing one
     # session directory at the same time trip over each other's sockets.
     stamp = f"{host.name}-{time.time():.0f}"
-    return host.popen([RAY, "start", "--block", f"--address={head_ip}:6379",
-                       f"--node-ip-address={host.ip}", "--num-cpus=2",
-                       f'--resources={{"{host.name}": 1}}', f"--object-store-memory={STORE}",
-                       f"--temp-dir={ray_dir(stamp)}"],
-                      str(logs / f"ray-{stamp}.log"), ENV)
+    start = [RAY, "start", "--block", f"--address={head_ip}:6379",
+             f"--node-ip-address={host.ip}", "--num-cpus=2",
+             f'--resources={{"{host.name}": 1}}', f"--object-store-memory={STORE}",
+             f"--temp-dir={ray_dir(stamp)}"]
+    # Workers do not see the head's cache (a tmpfs over it in their mount namespace), and w2
+    # does not see HIDDEN_ON_W2 either: the disks of separate machines.
+    hidden = [cache_of("head")] + ([HIDDEN_ON_W2] if host.name == "w2" else [])
+    mounts = " && ".join(f'mount -t tmpfs none "{path}"' for path in hidden)
+    start = ["sh", "-c", f'{mounts} && exec "$@"', "sh", *start]
+    return host.popen(start, str(logs / f"ray-{stamp}.log"), host_env(host.name))
 
 
 def wait_for_nodes(head, count: int, timeout: float = 60) -> None:
@@ -79,12 +97,15 @@ def wait_for_nodes(head, count: int, timeout: float = 60) -> None:
 
 
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory, tiny_model):
+def cluster(tmp_path_factory):
+    """A Ray head (no CPUs) and two workers of 2 CPUs, each on a host of its own."""
     reason = namespaces_supported()
     if reason:
         print(f"SKIPPED multi-host tests: {reason}")
         pytest.skip(reason)
     logs = tmp_path_factory.mktemp("multihost")
+    for path in (Path(HIDDEN_ON_W2), cache_of("head")):
+        path.mkdir(parents=True, exist_ok=True)
     hosts = Hosts(["head", "w1", "w2", "client"])
     try:
         head = hosts["head"]
@@ -92,14 +113,44 @@ def hosts(tmp_path_factory, tiny_model):
                     "--port=6379", "--num-cpus=0", '--resources={"head": 1}',
                     f"--object-store-memory={STORE}", "--include-dashboard=false",
                     "--disable-usage-stats", f"--temp-dir={ray_dir('head')}",
-                    f"--system-config={FAST_HEALTH_CHECKS}"], str(logs / "ray-head.log"), ENV)
+                    f"--system-config={FAST_HEALTH_CHECKS}"], str(logs / "ray-head.log"),
+                   host_env("head"))
         wait_for_line(logs / "ray-head.log", "Ray runtime started", 90)
         for count, name in enumerate(("w1", "w2"), start=2):
             start_worker(hosts[name], head.ip, logs)
             wait_for_nodes(head, count)
+        yield hosts, logs
+    finally:
+        hosts.close()
+        for log in Path(RAY_TMP).glob("head/session_*/logs/worker-*"):
+            if "ServerActor" in log.read_text(errors="replace"):
+                shutil.copy(log, logs)
+        shutil.rmtree(RAY_TMP, ignore_errors=True)
 
-        config = logs / "serve.yaml"
-        config.write_text(f"""
+
+def serve(hosts, logs: Path, name: str, config: str, wait: str = "is serving"):
+    """`shardserve serve` on the head host with this config; waits for `wait` in its log."""
+    path = logs / f"{name}.yaml"
+    path.write_text(config)
+    head = hosts["head"]
+    server = head.popen([PY, "-m", "shardserve.cluster.cli", "serve", "--address",
+                         f"{head.ip}:6379", "--config", str(path), "--host", head.ip,
+                         "--port", "50051", "--metrics-port", "9400"],
+                        str(logs / f"{name}.log"), host_env("head"))
+    wait_for_line(logs / f"{name}.log", wait, 300, server if wait == "is serving" else None)
+    return server
+
+
+def stop_server(server) -> None:
+    server.terminate()  # the CLI stops its server actor and shards on SIGTERM
+    server.wait(timeout=90)
+
+
+@pytest.fixture(scope="module")
+def hosts(cluster, tiny_model):
+    """The tiny model served TP=2 x PP=2: a TP group per host."""
+    hosts, logs = cluster
+    server = serve(hosts, logs, "server", f"""
 model: {tiny_model("llama-gqa")}
 dtype: float32
 num_threads: 1
@@ -113,18 +164,9 @@ parallel:
   step_timeout_s: 60
 kv_cache: {{num_kv_blocks: 64}}
 """)
-        server = head.popen([PY, "-m", "shardserve.cluster.cli", "serve", "--address",
-                             f"{head.ip}:6379", "--config", str(config), "--host", head.ip,
-                             "--port", "50051", "--metrics-port", "9400"],
-                            str(logs / "server.log"), ENV)
-        wait_for_line(logs / "server.log", "is serving", 180, server)
-        yield hosts, f"{head.ip}:50051", logs, server
-    finally:
-        hosts.close()
-        for log in Path(RAY_TMP).glob("head/session_*/logs/worker-*"):
-            if "ServerActor" in log.read_text(errors="replace"):
-                shutil.copy(log, logs)
-        shutil.rmtree(RAY_TMP, ignore_errors=True)
+    yield hosts, f"{hosts['head'].ip}:50051", logs, server
+    if server.poll() is None:
+        stop_server(server)
 
 
 def client_call(hosts, code: str, *args: str, timeout: float = 120) -> str:
@@ -132,6 +174,57 @@ def client_call(hosts, code: str, *args: str, timeout: float = 120) -> str:
                                  env={**os.environ, **ENV})
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def converted_models(host: str) -> list[Path]:
+    return sorted(cache_of(host).glob("models/SmolLM2-135M-Instruct*/config.json"))
+
+
+def test_the_default_gguf_model_is_converted_on_every_host(cluster):
+    """The embedded default (a GGUF file in a Python package) is served with its pipeline
+    stages on two hosts that share no cache: each host converts it for itself."""
+    hosts, logs = cluster
+    server = serve(hosts, logs, "smollm2", """
+model: smollm2
+dtype: float32
+max_model_len: 512
+parallel: {pipeline_parallel_size: 2, num_cpus_per_shard: 2, placement_timeout_s: 30}
+kv_cache: {kv_cache_memory: 64MiB}
+""")
+    try:
+        target = f"{hosts['head'].ip}:50051"
+        stages = client_call(hosts, "import sys; from shardserve.cluster.client import Client\n"
+                             "m = Client(sys.argv[1]).model_info()\n"
+                             "print(len({s.node_id for s in m.shards}))", target)
+        assert stages.strip() == "2"  # one stage per worker host
+        for host in ("head", "w1", "w2"):  # the router's engine, and each stage's shard
+            assert converted_models(host), f"{host} did not convert the model"
+        expected = LLM("smollm2", dtype="float32", max_model_len=512,
+                       kv_cache_memory="64MiB").generate(
+            ["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))[0]
+        out = client_call(hosts, "import sys; from shardserve.cluster.client import Client\n"
+                          "r = Client(sys.argv[1]).generate('The capital of France is', "
+                          "max_tokens=8, temperature=0)\nprint(list(r.token_ids))", target)
+        assert eval(out) == expected.token_ids  # noqa: S307 - our own repr of a list
+    finally:
+        stop_server(server)
+
+
+def test_a_model_directory_a_host_lacks_fails_at_start_naming_host_and_path(cluster,
+                                                                            tiny_model):
+    hosts, logs = cluster
+    shutil.copytree(tiny_model("llama-gqa"), HIDDEN_ON_W2, dirs_exist_ok=True)
+    server = serve(hosts, logs, "hidden", f"""
+model: {HIDDEN_ON_W2}
+dtype: float32
+parallel: {{pipeline_parallel_size: 2, num_cpus_per_shard: 2, placement_timeout_s: 30}}
+kv_cache: {{num_kv_blocks: 16}}
+""", wait="error:")
+    assert server.wait(timeout=60) != 0
+    log = (logs / "hidden.log").read_text()
+    assert f"on node " in log and f"({hosts['w2'].ip})" in log, log[-3000:]
+    assert f"model '{HIDDEN_ON_W2}' is neither a Hugging Face directory" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
 
 
 def test_generation_across_hosts_matches_the_offline_api(hosts, tiny_model):
