@@ -40,9 +40,11 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
 def sample(logits: torch.Tensor, seqs: list[SequenceStep]) -> list[SampledToken]:
     """logits: [S, V], one row per sequence in `seqs` (each with sample=True)."""
     logits = logits.float()
-    # A NaN anywhere, or a row whose largest logit is infinite, has no distribution to sample.
-    broken = (torch.isnan(logits).any(-1) | torch.isinf(logits.max(-1).values)).tolist()
-    greedy = torch.argmax(logits, dim=-1).tolist()
+    # One pass gives the greedy tokens and the check: max propagates NaN, so a row with a NaN
+    # anywhere, or whose largest logit is infinite, has a non-finite max and no distribution.
+    largest, greedy = logits.max(dim=-1)
+    broken = (~torch.isfinite(largest)).tolist()
+    greedy = greedy.tolist()
     wants_logprobs = any(s.params.logprobs is not None for s in seqs)
     logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
     out = []
