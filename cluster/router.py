@@ -204,44 +204,48 @@ class EngineLoop:
                 self._abort(command.ticket)
             elif isinstance(command, _Adopt):
                 for seq, ticket in command.moved:
-                    self._take(ticket, lambda: self.engine.adopt(seq), seq=seq)
+                    self._admit_moved(seq, ticket)
             else:
-                self._take(command.ticket, lambda: self.engine.add_request(
-                    command.ticket.request_id, command.prompt_token_ids, command.params,
-                    command.arrival_time), add=command)
+                self._admit(command)
 
-    def _take(self, ticket: Ticket, admit: Callable[[], object], seq: Sequence | None = None,
-              add: _Add | None = None) -> None:
-        """Admit a new or moved request here; pass it on when this replica is not serving."""
+    def _admit(self, command: _Add) -> None:
+        ticket = command.ticket
+        if self._passed_on(ticket, lambda peer: peer.submit(command)):
+            return
+        try:
+            self.engine.add_request(ticket.request_id, command.prompt_token_ids, command.params,
+                                    command.arrival_time)
+        except (ValueError, EngineUnavailableError) as e:
+            code = "invalid_argument" if isinstance(e, ValueError) else "unavailable"
+            self._publish([RequestOutput(
+                request_id=ticket.request_id, prompt_token_ids=command.prompt_token_ids,
+                delta_token_ids=[], delta_text="", finished=True, finish_reason="error",
+                error=str(e), error_code=code, arrival_time=command.arrival_time, token_ids=[],
+                text="")])
+
+    def _admit_moved(self, seq: Sequence, ticket: Ticket) -> None:
+        if self._passed_on(ticket, lambda peer: peer.adopt([(seq, ticket)])):
+            return
+        try:
+            self.engine.adopt(seq)
+        except (ValueError, EngineUnavailableError) as e:
+            self._publish([fail_sequence(seq, f"its replica failed and this one cannot take it: "
+                                              f"{e}", "unavailable")])
+
+    def _passed_on(self, ticket: Ticket, hand_to: Callable[["EngineLoop"], None]) -> bool:
+        """True when this replica does not admit the request: its caller is gone, or this
+        replica is not serving and another is (the request goes there). Otherwise the ticket
+        is this replica's from now on."""
         if ticket.cancelled:
             self._count(-1)
-            return
-        if not self.engine.healthy:
-            peer = self._serving_peer()
-            if peer is not None:
-                self._count(-1)
-                if seq is not None:
-                    peer.adopt([(seq, ticket)])
-                else:
-                    peer.submit(add)
-                return
+            return True
+        peer = None if self.engine.healthy else self._serving_peer()
+        if peer is not None:
+            self._count(-1)
+            hand_to(peer)
+            return True
         self._tickets[ticket.request_id] = ticket
-        try:
-            admit()
-        except ValueError as e:
-            self._publish([self._refusal(ticket, seq, add, str(e), "invalid_argument")])
-        except EngineUnavailableError as e:
-            self._publish([self._refusal(ticket, seq, add, str(e), "unavailable")])
-
-    def _refusal(self, ticket: Ticket, seq: Sequence | None, add: _Add | None, message: str,
-                 code: str) -> RequestOutput:
-        if seq is not None:
-            return fail_sequence(seq, message, code)
-        return RequestOutput(request_id=ticket.request_id,
-                             prompt_token_ids=add.prompt_token_ids, delta_token_ids=[],
-                             delta_text="", finished=True, finish_reason="error", error=message,
-                             error_code=code, arrival_time=add.arrival_time, token_ids=[],
-                             text="")
+        return False
 
     def _abort(self, ticket: Ticket) -> None:
         if ticket.request_id in self._tickets:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -66,6 +67,12 @@ class GenerationServicer:
         self.router = router
         self.model_name = model_name
         self.limits = limits
+        # Few threads: a pile of huge prompts waits its turn here rather than crowding the
+        # event loop's thread off the CPU.
+        self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     # --- admission --------------------------------------------------------------------------
 
@@ -93,7 +100,7 @@ class GenerationServicer:
                 stop=tuple(request.stop), stop_token_ids=tuple(request.stop_token_ids),
                 request_id=request.request_id)
             params = sampling_params(request)
-            token_ids = await asyncio.to_thread(self._prompt_tokens, request, params)
+            token_ids = await self._off_loop(self._prompt_tokens, request, params)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not self.router.healthy:
@@ -193,7 +200,7 @@ class GenerationServicer:
                             add_special_tokens=request.add_special_tokens).input_ids
             return pb.TokenizeResponse(token_ids=ids, tokens=tokenizer.convert_ids_to_tokens(ids))
 
-        return await asyncio.to_thread(tokenize)
+        return await self._off_loop(tokenize)
 
 
 def _server_request_id() -> str:

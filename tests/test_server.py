@@ -192,16 +192,18 @@ def test_a_huge_prompt_is_tokenized_off_the_event_loop(server):
         except grpc.RpcError as e:
             errors.append(e.code())
 
-    senders = [threading.Thread(target=send) for _ in range(8)]
+    senders = [threading.Thread(target=send) for _ in range(16)]
     for t in senders:
         t.start()
     while any(t.is_alive() for t in senders):
         start = time.time()
         assert client.health() == "SERVING"
         latencies.append(time.time() - start)
-    assert errors == [grpc.StatusCode.INVALID_ARGUMENT] * 8
-    # Tokenized on the event loop instead, these prompts stall a health check for over 1 s.
-    assert len(latencies) >= 3 and max(latencies) < 0.5, latencies
+    assert errors == [grpc.StatusCode.INVALID_ARGUMENT] * 16
+    # Tokenized on the event loop instead, these prompts stall health checks again and again
+    # for half a second and more; on worker threads at most a few checks wait a little.
+    slowest = sorted(latencies)[-5:]
+    assert len(latencies) >= 10 and slowest[0] < 0.25 and slowest[-1] < 1.5, slowest
 
 
 def test_client_ids_never_collide_with_the_servers(server):
