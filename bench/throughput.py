@@ -13,51 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.workload import BenchRequest, make_workload  # noqa: E402
-from shardserve import LLM, SamplingParams  # noqa: E402
-from shardserve.workers.loader import resolve_model  # noqa: E402
-
-
-def run_shardserve(requests: list[BenchRequest], dtype: str, policy: str, batch: int,
-                   model: str, budget: int) -> float:
-    llm = LLM(model, dtype=dtype, scheduling_policy=policy, max_num_seqs=batch,
-              max_num_batched_tokens=budget, kv_cache_memory="4GiB")
-    params = [SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)
-              for r in requests]
-    start = time.perf_counter()
-    results = llm.generate([r.prompt_token_ids for r in requests], params)
-    wall = time.perf_counter() - start
-    assert [len(r.token_ids) for r in results] == [r.max_tokens for r in requests]
-    llm.shutdown()
-    return wall
-
-
-def run_transformers(requests: list[BenchRequest], dtype: str, batch: int, model: str) -> float:
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = getattr(torch, dtype)
-    hf = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=torch_dtype).eval()
-    pad = hf.generation_config.pad_token_id or 0
-    start = time.perf_counter()
-    for i in range(0, len(requests), batch):
-        group = requests[i:i + batch]
-        width = max(len(r.prompt_token_ids) for r in group)
-        ids = torch.tensor([[pad] * (width - len(r.prompt_token_ids)) + r.prompt_token_ids
-                            for r in group])
-        mask = torch.tensor([[0] * (width - len(r.prompt_token_ids))
-                             + [1] * len(r.prompt_token_ids) for r in group])
-        longest = max(r.max_tokens for r in group)
-        with torch.inference_mode():
-            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
-                              min_new_tokens=longest, do_sample=False, pad_token_id=pad)
-        assert out.shape[1] == width + longest
-    return time.perf_counter() - start
+from bench.systems import run_shardserve, run_transformers  # noqa: E402
+from bench.workload import make_workload  # noqa: E402
 
 
 def main() -> None:
@@ -83,12 +45,12 @@ def main() -> None:
         for system in args.systems.split(","):
             if system == "continuous":
                 wall = run_shardserve(requests, dtype, "continuous", args.max_num_seqs,
-                                      args.model, args.max_num_batched_tokens)
+                                      args.max_num_batched_tokens, args.model).wall_s
             elif system == "static":
-                wall = run_shardserve(requests, dtype, "static", args.batch, args.model,
-                                      args.max_num_batched_tokens)
+                wall = run_shardserve(requests, dtype, "static", args.batch,
+                                      args.max_num_batched_tokens, args.model).wall_s
             else:
-                wall = run_transformers(requests, dtype, args.batch, args.model)
+                wall = run_transformers(requests, dtype, args.batch, args.model).wall_s
             rows.append({"dtype": dtype, "system": system, "wall_s": round(wall, 1),
                          "tokens_per_s": round(total / wall, 1)})
             print(f"{dtype:9} {system:13} {wall:8.1f} s {total / wall:8.1f} tok/s", flush=True)

