@@ -2,10 +2,12 @@
 around each phase of a step (the C decode kernel and Python work included, which
 torch.profiler does not see), then torch.profiler's busiest torch ops over a shorter run.
 
-    python bench/profile.py                      # 32 requests, SmolLM2 fp32, in this process
-    python bench/profile.py --num-requests 8 --dtype bfloat16 --profiler-requests 4
+    python bench/profile_step.py                      # 32 requests, SmolLM2 fp32, in this process
+    python bench/profile_step.py --num-requests 8 --dtype bfloat16 --profiler-requests 4
 
-The timers wrap functions from the outside, so the product code has none. Nested phases
+The timers wrap functions from the outside, so the product code has none. (Not named
+profile.py: in bench/ that name would shadow the standard library's `profile` module, which
+torch imports, for every script there.) Nested phases
 (indented) are parts of the phase above them.
 """
 
