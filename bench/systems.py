@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="static batch size")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--kv-cache-memory", default="4GiB")
+    parser.add_argument("--kv-cache-dtype", default="auto")
     args = parser.parse_args()
     requests = make_workload(args.num_requests)
     if args.system == "transformers":
@@ -112,7 +113,10 @@ def main() -> None:
         policy = "static" if args.system == "shardserve-static" else "continuous"
         run = run_shardserve(requests, args.dtype, policy,
                              args.batch if policy == "static" else 64,
-                             args.max_num_batched_tokens, args.model, args.kv_cache_memory)
+                             args.max_num_batched_tokens, args.model, args.kv_cache_memory,
+                             kv_cache_dtype=args.kv_cache_dtype)
+        if args.kv_cache_dtype != "auto":
+            run.system += f" (KV {args.kv_cache_dtype})"
     Path(args.out).write_text(json.dumps(asdict(run)))
 
 

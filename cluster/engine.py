@@ -65,6 +65,9 @@ class Engine:
         num_blocks = min(num_blocks, useful)
         self.executor.allocate_kv(num_blocks, cache.block_size)
         self.kv = KVCacheManager(num_blocks, cache.block_size)
+        log.info("KV cache: %d blocks of %d tokens (%d tokens), stored as %s", num_blocks,
+                 cache.block_size, self.kv.capacity_tokens,
+                 self.executor.describe()["shards"][0]["kv_cache_dtype"])
         if self.kv.capacity_tokens < self.max_model_len:
             log.warning("the KV cache holds %d tokens, fewer than max_model_len (%d): longer "
                         "requests are refused", self.kv.capacity_tokens, self.max_model_len)
@@ -96,7 +99,8 @@ class Engine:
             raise ValueError("tensor/pipeline parallelism and replicas run on Ray: "
                              "pass a RayExecutor (LLM does this for you)")
         c = self.config
-        return LocalExecutor(ShardSpec(model=c.model, dtype=c.dtype, device=c.device,
+        return LocalExecutor(ShardSpec(model=c.model, dtype=c.dtype,
+                                       kv_cache_dtype=c.kv_cache_dtype, device=c.device,
                                        num_threads=c.num_threads, seed=c.seed))
 
     def _eos_token_ids(self) -> set[int]:

@@ -175,7 +175,9 @@ class GenerationServicer:
                     for r in router.replicas()]
         return pb.ModelInfoResponse(
             model=self.model_name, architecture=shape.architecture,
-            dtype=engine.executor.describe()["shards"][0]["dtype"], vocab_size=shape.vocab_size,
+            dtype=engine.executor.describe()["shards"][0]["dtype"],
+            kv_cache_dtype=engine.executor.describe()["shards"][0]["kv_cache_dtype"],
+            vocab_size=shape.vocab_size,
             max_model_len=engine.max_model_len, num_layers=shape.num_layers,
             num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
             tensor_parallel_size=c.parallel.tensor_parallel_size,

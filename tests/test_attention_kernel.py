@@ -75,3 +75,28 @@ def test_native_decode_half_precision(dtype):
     got = torch.empty_like(q)
     assert A._decode_native(q, got, k_cache, v_cache, meta, heads, 0.125, None)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_cache_with_fp32_queries(cache_dtype):
+    """kv_cache_dtype apart from the model's dtype: the kernel widens the cached values
+    exactly, so it agrees with fp32 attention over those same values; so does the torch
+    path, which gathers the 16-bit blocks and widens them."""
+    heads = A.HeadLayout.for_rank(9, 3, 1, 0)
+    seqs = decode_batch([5, 16, 70, 129], 16, 20, seed=1)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(4, 9, 64, generator=g) * 4
+    k_cache = torch.randn(3, 20, 16, 64, generator=g).to(cache_dtype)
+    v_cache = torch.randn(3, 20, 16, 64, generator=g).to(cache_dtype)
+    cpu = torch.device("cpu")
+    expected = torch.empty_like(q)
+    A._decode_torch(q, expected, k_cache.float(), v_cache.float(),
+                    A.build_metadata(seqs, 16, None, A.Workspace(torch.float32, cpu), cpu),
+                    heads, 0.125, None)
+    meta = A.build_metadata(seqs, 16, None, A.Workspace(cache_dtype, cpu), cpu)
+    got = torch.full_like(q, float("nan"))
+    assert A._decode_native(q, got, k_cache, v_cache, meta, heads, 0.125, None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch_path = torch.full_like(q, float("nan"))
+    A._decode_torch(q, torch_path, k_cache, v_cache, meta, heads, 0.125, None)
+    torch.testing.assert_close(torch_path, expected, rtol=1e-5, atol=1e-5)

@@ -34,6 +34,7 @@ class ShardSpec:
 
     model: str
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype
     device: str = "auto"  # auto: cuda when this process sees a GPU, else cpu
     tp_rank: int = 0
     tp_size: int = 1
@@ -64,6 +65,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """`auto` stores keys and values in the model's dtype: outputs stay token-exact. A 16-bit
+    cache halves the attention's memory traffic and doubles the tokens that fit, at a
+    tolerance (see the README)."""
+    if name == "auto":
+        return model_dtype
+    if name not in DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(DTYPES)}; got "
+                         f"{name!r}")
+    return DTYPES[name]
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -118,6 +131,7 @@ class Shard:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = resolve_dtype(spec.dtype, self.device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(spec.kv_cache_dtype, self.dtype)
         self.ctx = ParallelContext(tp_rank=spec.tp_rank, tp_size=spec.tp_size,
                                    pp_rank=spec.pp_rank, pp_size=spec.pp_size,
                                    sequence_parallel=spec.sequence_parallel and spec.tp_size > 1)
@@ -151,7 +165,7 @@ class Shard:
                 module.pack_for_cpu()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
-        self.workspace = Workspace(self.dtype, self.device)
+        self.workspace = Workspace(self.kv_cache_dtype, self.device)
         self.busy_seconds = 0.0  # time spent inside execute(): the pipeline bubble's complement
         self.steps = 0
 
@@ -161,7 +175,7 @@ class Shard:
         """Bytes this shard needs per KV block: its layers x its KV heads only."""
         heads = self.model.layers[0].self_attn.heads if len(self.model.layers) else None
         num_kv = heads.num_kv if heads else 0
-        element = torch.empty((), dtype=self.dtype).element_size()
+        element = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         return 2 * len(self.model.layers) * num_kv * block_size * self.shape.head_dim * element
 
     def weights_bytes(self) -> int:
@@ -207,8 +221,9 @@ class Shard:
         for layer in self.model.layers:
             heads = layer.self_attn.heads
             shape = (heads.num_kv, num_blocks, block_size, self.shape.head_dim)
-            self.kv_caches.append((torch.zeros(shape, dtype=self.dtype, device=self.device),
-                                   torch.zeros(shape, dtype=self.dtype, device=self.device)))
+            self.kv_caches.append(
+                (torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)))
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -267,6 +282,7 @@ class Shard:
                   else "host")
         return {"node_id": node, "hostname": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "kv_cache_dtype": str(self.kv_cache_dtype).replace("torch.", ""),
                 "memory_domain": f"{node}:{domain}",
                 "layers": list(self.model.layer_range), "tp_rank": self.spec.tp_rank,
                 "pp_rank": self.spec.pp_rank, "threads": torch.get_num_threads()}

@@ -90,6 +90,6 @@ def paged_decode_library() -> ctypes.CDLL | None:
     fn = lib.paged_decode_attention
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64,
-                   ctypes.c_float, i64, ctypes.c_int, ctypes.c_int]
+                   ctypes.c_float, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib

@@ -13,7 +13,9 @@
  *   block_tables  [num_seqs, max_blocks]  (int64)
  *   context_lens  [num_seqs]              (int64)
  *   kv_of_q       [num_q_heads]           (int64): the KV head each query head reads
- * Element types: float32, bfloat16, float16; accumulation in float32.
+ * Element types: float32, bfloat16, float16, for q/out and (separately) for the cache;
+ * accumulation in float32. A 16-bit cache is widened to float32 a block at a time (F16C on
+ * x86), so it halves the bytes read, which bound this kernel.
  */
 #include <math.h>
 #include <pthread.h>
@@ -36,7 +38,7 @@ typedef struct {
     const int64_t *block_tables, *context_lens, *kv_of_q;
     int64_t num_q_heads, num_kv_heads, num_blocks, block_size, head_dim, max_blocks, window;
     float scale;
-    int dtype;
+    int dtype, cache_dtype;
     int64_t item_begin, item_end;
 } job_t;
 
@@ -249,16 +251,17 @@ static void *worker(void *arg) {
             if (start + BS < ctx) {
                 /* Blocks are scattered: fetch the next one while this one is computed. */
                 const int64_t next = (kvh * j->num_blocks + table[start / BS + 1]) * BS * D;
-                const int64_t bytes = BS * D * (j->dtype == F32 ? 4 : 2);
-                const char *nk = (const char *)j->k_cache + next * (j->dtype == F32 ? 4 : 2);
-                const char *nv = (const char *)j->v_cache + next * (j->dtype == F32 ? 4 : 2);
+                const int64_t element = j->cache_dtype == F32 ? 4 : 2;
+                const int64_t bytes = BS * D * element;
+                const char *nk = (const char *)j->k_cache + next * element;
+                const char *nv = (const char *)j->v_cache + next * element;
                 for (int64_t b = 0; b < bytes; b += 64) {
                     __builtin_prefetch(nk + b);
                     __builtin_prefetch(nv + b);
                 }
             }
-            const float *keys = as_f32(j->dtype, j->k_cache, base, BS * D, kbuf);
-            const float *values = as_f32(j->dtype, j->v_cache, base, BS * D, vbuf);
+            const float *keys = as_f32(j->cache_dtype, j->k_cache, base, BS * D, kbuf);
+            const float *values = as_f32(j->cache_dtype, j->v_cache, base, BS * D, vbuf);
             for (int64_t i = 0; i < g; i++)
                 attend_block(q + i * D, keys, values, scores, acc + i * D, &m[i], &l[i], lo,
                              hi, D, j->scale);
@@ -273,16 +276,18 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-/* dtype: 0 float32, 1 bfloat16, 2 float16. Returns 0, or -1 when a size is over the limits
- * above (the caller then uses its fallback). */
+/* dtype (q, out) and cache_dtype (k_cache, v_cache): 0 float32, 1 bfloat16, 2 float16.
+ * Returns 0, or -1 when a size is over the limits above (the caller then uses its
+ * fallback). */
 int paged_decode_attention(void *out, const void *q, const void *k_cache, const void *v_cache,
                            const int64_t *block_tables, int64_t max_blocks,
                            const int64_t *context_lens, const int64_t *kv_of_q,
                            int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
                            int64_t num_blocks, int64_t block_size, int64_t head_dim,
-                           float scale, int64_t window, int dtype, int num_threads) {
+                           float scale, int64_t window, int dtype, int cache_dtype,
+                           int num_threads) {
     if (head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK || num_q_heads > MAX_GROUP ||
-        dtype < F32 || dtype > F16)
+        dtype < F32 || dtype > F16 || cache_dtype < F32 || cache_dtype > F16)
         return -1;
     const int64_t items = num_seqs * num_kv_heads;
     if (num_threads < 1) num_threads = 1;
@@ -292,7 +297,7 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
     for (int t = 0; t < num_threads; t++) {
         job_t jb = {out, q, k_cache, v_cache, block_tables, context_lens, kv_of_q,
                     num_q_heads, num_kv_heads, num_blocks, block_size, head_dim, max_blocks,
-                    window, scale, dtype, items * t / num_threads,
+                    window, scale, dtype, cache_dtype, items * t / num_threads,
                     items * (t + 1) / num_threads};
         jobs[t] = jb;
     }

@@ -200,8 +200,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     heads: HeadLayout, scale: float, window: int | None) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
     num_kv, _, block_size, head_dim = k_cache.shape
-    k_cache.view(num_kv, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.view(num_kv, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    # The cache may store another dtype than the model computes in (kv_cache_dtype).
+    k_cache.view(num_kv, -1, head_dim).index_copy_(
+        1, meta.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(num_kv, -1, head_dim).index_copy_(
+        1, meta.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
     out = torch.empty_like(q)
     # Only an uneven head split needs query heads mapped to KV heads by index.
     kv_of_q = None if heads.uniform else _kv_of_q_tensor(heads, q.device)
@@ -218,7 +221,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         else:
             keys = k_cache.index_select(1, p.block_ids).view(num_kv, -1, head_dim)
             values = v_cache.index_select(1, p.block_ids).view(num_kv, -1, head_dim)
-            keys, values = keys[:, :p.context_length], values[:, :p.context_length]
+            keys = keys[:, :p.context_length].to(q.dtype)
+            values = values[:, :p.context_length].to(q.dtype)
         if kv_of_q is not None:
             keys, values = keys.index_select(0, kv_of_q), values.index_select(0, kv_of_q)
         o = F.scaled_dot_product_attention(
@@ -236,7 +240,8 @@ def _decode_native(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: Hea
                    scale: float, window: int | None) -> bool:
     """The C kernel (CPU): reads keys and values in place, no gathered copy. False when it
     does not apply here."""
-    if q.device.type != "cpu" or q.dtype not in _NATIVE_DTYPES or not q.is_contiguous():
+    if (q.device.type != "cpu" or q.dtype not in _NATIVE_DTYPES
+            or k_cache.dtype not in _NATIVE_DTYPES or not q.is_contiguous()):
         return False
     lib = paged_decode_library()
     if lib is None:
@@ -248,7 +253,7 @@ def _decode_native(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: Hea
         meta.decode_block_ids.data_ptr(), meta.decode_blocks_per_seq,
         meta.decode_context_lens.data_ptr(), kv_of_q.data_ptr(), q.shape[0], heads.num_q,
         num_kv, num_blocks, block_size, head_dim, scale, window or 0, _NATIVE_DTYPES[q.dtype],
-        torch.get_num_threads())
+        _NATIVE_DTYPES[k_cache.dtype], torch.get_num_threads())
     return status == 0
 
 
@@ -275,8 +280,8 @@ def _decode_group(q, out, k_cache, v_cache, g: DecodeGroup, workspace: Workspace
     values = workspace.get(1, shape)
     torch.index_select(k_cache, 1, g.block_ids, out=keys)
     torch.index_select(v_cache, 1, g.block_ids, out=values)
-    keys = keys.view(num_kv, nd, -1, head_dim)
-    values = values.view(num_kv, nd, -1, head_dim)
+    keys = keys.view(num_kv, nd, -1, head_dim).to(q.dtype)
+    values = values.view(num_kv, nd, -1, head_dim).to(q.dtype)
     if kv_of_q is None:
         group = heads.num_q // num_kv
         # [H_kv, nd, group, D]: the group's queries share one key set, no KV copies.
