@@ -12,8 +12,9 @@ from shardserve import LLM, SamplingParams
 
 # Per KV dtype: the largest |logprob difference| of a token both caches chose (tiny models),
 # and the least mean greedy agreement with the fp32 cache on SmolLM2 (the share of tokens
-# identical before the first divergence).
-TOLERANCE = {"float16": (LOGPROB_FP16, AGREE_FP16), "bfloat16": (LOGPROB_BF16, AGREE_BF16)}
+# identical before the first divergence, 8 prompts x 32 tokens). Measured on an AMD EPYC:
+# float16 0.0042 and 1.00 (every token identical), bfloat16 0.047 and 0.90.
+TOLERANCE = {"float16": (0.01, 0.9), "bfloat16": (0.1, 0.75)}
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
            "The three primary colours are", "In 1492, Columbus", "import numpy as np\n",
            "The best way to learn a language is", "Water boils at"]
