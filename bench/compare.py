@@ -99,13 +99,14 @@ def unpadded_reference(rows: list[dict], num_requests: int, model_dir: Path) -> 
     print(f"transformers unpadded for requests {differ} ...", flush=True)
     requests = make_workload(num_requests)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # EOS ignored, as in bench/systems.py
     reference = {}
     for i in differ:
         ids = torch.tensor([requests[i].prompt_token_ids])
         n = requests[i].max_tokens
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                              min_new_tokens=n, do_sample=False)
+                              do_sample=False)
         reference[i] = out[0, ids.shape[1]:].tolist()
     return reference
 

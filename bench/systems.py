@@ -61,8 +61,8 @@ def run_shardserve(requests: list[BenchRequest], dtype: str = "float32",
 
 def run_transformers(requests: list[BenchRequest], dtype: str = "float32", batch: int = 16,
                      model: str = "smollm2") -> Run:
-    """Static batches of `batch`, left-padded, each run to its longest output. Only the
-    tokens each request asked for count."""
+    """Static batches of `batch`, left-padded, each run to its longest output, EOS ignored.
+    Only the tokens each request asked for count."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -72,6 +72,9 @@ def run_transformers(requests: list[BenchRequest], dtype: str = "float32", batch
     hf = AutoModelForCausalLM.from_pretrained(resolve_model(model),
                                               dtype=getattr(torch, dtype)).eval()
     startup = time.perf_counter() - start
+    # EOS ignored as the engines ignore it: it may be generated, it just does not stop a
+    # request (min_new_tokens would mask it instead, and change the greedy choices).
+    hf.generation_config.eos_token_id = None
     pad = hf.generation_config.pad_token_id or 0
     token_ids = []
     start = time.perf_counter()
@@ -85,7 +88,7 @@ def run_transformers(requests: list[BenchRequest], dtype: str = "float32", batch
         longest = max(r.max_tokens for r in group)
         with torch.inference_mode():
             out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
-                              min_new_tokens=longest, do_sample=False, pad_token_id=pad)
+                              do_sample=False, pad_token_id=pad)
         token_ids += [out[j, width:width + r.max_tokens].tolist() for j, r in enumerate(group)]
     wall = time.perf_counter() - start
     return Run("transformers", dtype, startup, wall, sum(r.max_tokens for r in requests),

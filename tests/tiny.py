@@ -75,18 +75,25 @@ def set_eos(model_dir: Path, eos_token_id: int) -> None:
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: list[int],
               ignore_eos: bool = False, fresh_model: bool = False) -> list[list[int]]:
-    """transformers' generate, one prompt at a time (no padding), greedy. `fresh_model`: a new
-    model per prompt, for rope variants whose transformers module keeps state across calls
-    (dynamic scaling keeps the frequencies of the longest sequence it has seen)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    """transformers' generate, one prompt at a time (no padding), greedy. `ignore_eos`: EOS may
+    be generated but does not stop (as the engine's ignore_eos; min_new_tokens would mask it).
+    `fresh_model`: a new model per prompt, for rope variants whose transformers module keeps
+    state across calls (dynamic scaling keeps the frequencies of the longest sequence seen)."""
+
+    def load():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if ignore_eos:
+            model.generation_config.eos_token_id = None
+        return model
+
+    model = load()
     outputs = []
     for prompt, n in zip(prompts, max_tokens):
         if fresh_model:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        extra = {"min_new_tokens": n} if ignore_eos else {}
+            model = load()
         with torch.inference_mode():
             out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                                 dtype=torch.long), max_new_tokens=n, do_sample=False, **extra)
+                                 dtype=torch.long), max_new_tokens=n, do_sample=False)
         outputs.append(out[0, len(prompt):].tolist())
     return outputs
 
