@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    parser.add_argument("--kv-cache-dtype", default="auto")
     args = parser.parse_args()
 
     import torch
@@ -97,7 +98,8 @@ def main() -> None:
     from shardserve import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, kv_cache_memory="4GiB",
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_dtype=args.kv_cache_dtype)
 
     def run(count: int) -> float:
         requests = make_workload(count)
@@ -114,7 +116,7 @@ def main() -> None:
     generated = sum(r.max_tokens for r in make_workload(args.num_requests))
     print(f"{args.num_requests} requests, {generated} generated tokens in {wall:.1f} s "
           f"({generated / wall:.1f} tok/s), {steps} steps, {torch.get_num_threads()} threads, "
-          f"dtype {args.dtype}")
+          f"dtype {args.dtype}, KV cache {args.kv_cache_dtype}")
     report(phases, wall, steps)
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
