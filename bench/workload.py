@@ -7,6 +7,7 @@ so every request generates exactly its output length.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 
@@ -26,3 +27,24 @@ def make_workload(num_requests: int = 64, prompt_len: tuple[int, int] = (32, 512
         prompt = [rng.randrange(first_token_id, vocab_size) for _ in range(n)]
         requests.append(BenchRequest(prompt, rng.randint(*output_len)))
     return requests
+
+
+# Batch-1 latency: one 256-token prompt, its prefill alone (one output token), then 128 more.
+BATCH1_PROMPT_TOKENS, BATCH1_DECODE_TOKENS = 256, 128
+
+
+def batch1_latency(generate) -> tuple[float, float]:
+    """(ms to prefill the prompt, ms per decoded token), best of three, for
+    `generate(prompt_token_ids, max_tokens)` that runs one request to completion."""
+    prompt = make_workload(1, (BATCH1_PROMPT_TOKENS,) * 2, (1, 1), seed=1)[0].prompt_token_ids
+    prefill, decode = float("inf"), float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        generate(prompt, 1)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        generate(prompt, 1 + BATCH1_DECODE_TOKENS)
+        whole = time.perf_counter() - start
+        prefill = min(prefill, first)
+        decode = min(decode, (whole - first) / BATCH1_DECODE_TOKENS)
+    return 1000 * prefill, 1000 * decode
