@@ -76,11 +76,12 @@ class GenerationServicer:
 
     # --- admission --------------------------------------------------------------------------
 
-    def _prompt_tokens(self, request: pb.GenerateRequest, params: SamplingParams) -> list[int]:
+    def _prompt_tokens(self, request: pb.GenerateRequest, params: SamplingParams,
+                       chat: list[dict[str, str]] | None) -> list[int]:
         """Tokenize (or template) and validate; runs on a worker thread. Raises ValueError."""
         kind = request.WhichOneof("prompt")
         if kind == "chat":
-            token_ids = self.router.tokenize_chat(_chat_messages(request))
+            token_ids = self.router.tokenize_chat(chat)
         elif kind == "text":
             token_ids = self.router.tokenize(request.text)
         else:
@@ -93,14 +94,14 @@ class GenerationServicer:
         """Check and submit; aborts the RPC with the right status on bad input."""
         try:
             kind = request.WhichOneof("prompt")
+            chat = _chat_messages(request) if kind == "chat" else None
             check_request(
                 self.limits, text=request.text if kind == "text" else None,
-                token_ids=request.token_ids.ids if kind == "token_ids" else None,
-                chat=_chat_messages(request) if kind == "chat" else None,
+                token_ids=request.token_ids.ids if kind == "token_ids" else None, chat=chat,
                 stop=tuple(request.stop), stop_token_ids=tuple(request.stop_token_ids),
                 request_id=request.request_id)
             params = sampling_params(request)
-            token_ids = await self._off_loop(self._prompt_tokens, request, params)
+            token_ids = await self._off_loop(self._prompt_tokens, request, params, chat)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not self.router.healthy:
@@ -173,10 +174,10 @@ class GenerationServicer:
         replicas = [pb.ReplicaInfo(replica=r.replica, state=r.state, restarts=r.restarts,
                                    running=r.running, waiting=r.waiting, finished=r.finished)
                     for r in router.replicas()]
+        first_shard = engine.executor.describe()["shards"][0]
         return pb.ModelInfoResponse(
             model=self.model_name, architecture=shape.architecture,
-            dtype=engine.executor.describe()["shards"][0]["dtype"],
-            kv_cache_dtype=engine.executor.describe()["shards"][0]["kv_cache_dtype"],
+            dtype=first_shard["dtype"], kv_cache_dtype=first_shard["kv_cache_dtype"],
             vocab_size=shape.vocab_size,
             max_model_len=engine.max_model_len, num_layers=shape.num_layers,
             num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
