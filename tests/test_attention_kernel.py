@@ -100,3 +100,43 @@ def test_a_16_bit_cache_with_fp32_queries(cache_dtype):
     torch_path = torch.full_like(q, float("nan"))
     A._decode_torch(q, torch_path, k_cache, v_cache, meta, heads, 0.125, None)
     torch.testing.assert_close(torch_path, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_queries_read_in_place_from_the_qkv_projection():
+    """The model hands the kernel q as a view into the fused q/k/v output (strided rows);
+    the work split over threads follows context lengths, longest first as the shard orders
+    them."""
+    heads = A.HeadLayout.for_rank(9, 3, 1, 0)
+    context_lens = [300, 120, 64, 17, 16, 3, 1]
+    num_blocks = sum(-(-c // 16) for c in context_lens) + 2
+    seqs = decode_batch(context_lens, 16, num_blocks, seed=5)
+    meta = A.build_metadata(seqs, 16, None, A.Workspace(torch.float32, torch.device("cpu")),
+                            torch.device("cpu"))
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(len(seqs), (9 + 2 * 3) * 64, generator=g)
+    q = qkv[:, :9 * 64].view(len(seqs), 9, 64)
+    k_cache = torch.randn(3, num_blocks, 16, 64, generator=g)
+    v_cache = torch.randn(3, num_blocks, 16, 64, generator=g)
+    expected = torch.empty(q.shape)
+    A._decode_torch(q.contiguous(), expected, k_cache, v_cache, meta, heads, 0.125, None)
+    for threads in (1, 2, 3):
+        got = torch.full(q.shape, float("nan"))
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            assert A._decode_native(q, got, k_cache, v_cache, meta, heads, 0.125, None)
+        finally:
+            torch.set_num_threads(before)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_outside_the_pool_is_refused_not_read():
+    heads = A.HeadLayout.for_rank(4, 2, 1, 0)
+    seqs = decode_batch([20], 16, 4, seed=1)
+    seqs[0].block_table[1] = 10 ** 6
+    meta = A.build_metadata(seqs, 16, None, A.Workspace(torch.float32, torch.device("cpu")),
+                            torch.device("cpu"))
+    q, out = torch.randn(1, 4, 64), torch.empty(1, 4, 64)
+    cache = torch.randn(2, 4, 16, 64)
+    with pytest.raises(IndexError, match="outside the KV cache of 4 blocks"):
+        A._decode_native(q, out, cache, cache, meta, heads, 0.125, None)

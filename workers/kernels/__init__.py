@@ -1,5 +1,9 @@
 """Native CPU kernels, compiled on first use with the system C compiler.
 
+- paged_attention.c: decode attention over the paged KV cache;
+- fused.c: a decoder layer's element-wise steps (RMSNorm with the residual add, SiLU-and-mul,
+  rotary with the cache write), built with -ffp-contract=off so they round as torch does.
+
 The library is built with -march=native for the machine it runs on and cached under
 <cache>/kernels/<digest>, the digest covering the source, the flags and the CPU model, so a
 cache shared between different machines never serves a wrong binary. Where torch runs on
@@ -22,7 +26,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_attention.c")
+_HERE = Path(__file__).parent
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
           "-fno-trapping-math"]
 
@@ -47,10 +51,10 @@ def _torch_openmp_flags() -> list[str]:
     return ["-fopenmp"] if loaded else []
 
 
-def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
+def _compile(compiler: str, flags: list[str], source: Path, target: Path) -> str | None:
     """Build the library at target; returns the compiler's complaint on failure."""
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(tmp), "-lm"],
+    result = subprocess.run([compiler, *flags, str(source), "-o", str(tmp), "-lm"],
                             capture_output=True, text=True)
     if result.returncode != 0:
         return result.stderr[-2000:]
@@ -58,38 +62,63 @@ def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
     return None
 
 
-@lru_cache(maxsize=1)
-def paged_decode_library() -> ctypes.CDLL | None:
-    if os.environ.get("SHARDSERVE_ATTENTION") == "torch":
-        return None
+@lru_cache(maxsize=None)
+def _library(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """workers/kernels/<name>.c built (once per source, flags and CPU) and loaded, or None."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.warning("no C compiler found: decode attention uses the slower torch path")
+        log.warning("no C compiler found: the torch paths run instead of the C kernels")
         return None
     import torch  # noqa: F401 - loaded first, so that its OpenMP runtime is the one found
 
-    flags = _FLAGS + _torch_openmp_flags()
-    source = _SOURCE.read_bytes()
+    source_path = _HERE / f"{name}.c"
+    base_flags = _FLAGS + list(extra_flags)
+    flags = base_flags + _torch_openmp_flags()
+    source = source_path.read_bytes()
     digest = hashlib.sha256(source + " ".join(flags).encode() + _cpu_model().encode())
     from ..loader import cache_dir
 
-    target = cache_dir() / "kernels" / f"paged_attention-{digest.hexdigest()[:16]}.so"
+    target = cache_dir() / "kernels" / f"{name}-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not target.exists():
-                error = _compile(compiler, flags, target)
-                if error and flags != _FLAGS:  # no OpenMP support: its own threads then
-                    error = _compile(compiler, _FLAGS, target)
+                error = _compile(compiler, flags, source_path, target)
+                if error and flags != base_flags:  # no OpenMP support: its own threads then
+                    error = _compile(compiler, base_flags, source_path, target)
                 if error:
-                    log.warning("compiling the paged attention kernel failed; using the torch "
-                                "path:\n%s", error)
+                    log.warning("compiling %s.c failed; using the torch path:\n%s", name, error)
                     return None
-    lib = ctypes.CDLL(str(target))
-    fn = lib.paged_decode_attention
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64,
-                   ctypes.c_float, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    return ctypes.CDLL(str(target))
+
+
+i64, ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+def paged_decode_library() -> ctypes.CDLL | None:
+    if os.environ.get("SHARDSERVE_ATTENTION") == "torch":
+        return None
+    lib = _library("paged_attention")
+    if lib is not None and not lib.paged_decode_attention.argtypes:
+        fn = lib.paged_decode_attention
+        fn.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64,
+                       i64, ctypes.c_float, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def fused_library() -> ctypes.CDLL | None:
+    """SHARDSERVE_FUSED=torch keeps the torch reference code (for comparisons)."""
+    if os.environ.get("SHARDSERVE_FUSED") == "torch":
+        return None
+    lib = _library("fused", ("-ffp-contract=off",))
+    if lib is not None and not lib.rotary_and_cache_f32.argtypes:
+        lib.add_rms_norm_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float]
+        lib.add_rms_norm_f32.restype = None
+        lib.silu_and_mul_f32.argtypes = [ptr, ptr, i64, i64]
+        lib.silu_and_mul_f32.restype = None
+        lib.rotary_and_cache_f32.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr,
+                                             ptr, i64, ctypes.c_int]
+        lib.rotary_and_cache_f32.restype = ctypes.c_int
     return lib

@@ -7,8 +7,10 @@
  * per item. Softmax is computed online, one block at a time (as in FlashAttention). Scores
  * are computed eight tokens at a time and exponentiated eight lanes at a time.
  *
- * Layouts (row-major, contiguous):
- *   q, out        [num_seqs, num_q_heads, head_dim]
+ * Layouts (row-major, contiguous but for q's rows):
+ *   q             [num_seqs, num_q_heads, head_dim], q_stride elements from one row to the next
+ *                 (q may be a view into the fused q/k/v projection's output)
+ *   out           [num_seqs, num_q_heads, head_dim]
  *   k_cache/v     [num_kv_heads, num_blocks, block_size, head_dim]
  *   block_tables  [num_seqs, max_blocks]  (int64)
  *   context_lens  [num_seqs]              (int64)
@@ -40,6 +42,7 @@ typedef struct {
     const void *q, *k_cache, *v_cache;
     const int64_t *block_tables, *context_lens, *kv_of_q;
     int64_t num_q_heads, num_kv_heads, num_blocks, block_size, head_dim, max_blocks, window;
+    int64_t q_stride;
     float scale;
     int dtype, cache_dtype;
     int64_t item_begin, item_end;
@@ -243,8 +246,7 @@ static void *worker(void *arg) {
             if (j->kv_of_q[h] == kvh) heads[g++] = h;
         if (g == 0) continue;
         for (int64_t i = 0; i < g; i++) {
-            const float *src = as_f32(j->dtype, j->q, (s * j->num_q_heads + heads[i]) * D, D,
-                                      kbuf);
+            const float *src = as_f32(j->dtype, j->q, s * j->q_stride + heads[i] * D, D, kbuf);
             memcpy(q + i * D, src, D * sizeof(float));
             m[i] = -INFINITY;
             l[i] = 0.f;
@@ -285,11 +287,36 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* Splits the work items (sequence, KV head), longest sequences first, into one contiguous
+ * range per thread of about equal cost: an item costs its context length (plus a little
+ * fixed work), so an even split by count would give the first thread all the long ones. */
+static void balance(const int64_t *context_lens, int64_t num_kv_heads, int64_t window,
+                    int64_t items, int num_threads, int64_t *bounds) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < items; i++) {
+        const int64_t ctx = context_lens[i / num_kv_heads];
+        total += (window > 0 && ctx > window ? window : ctx) + 16;
+    }
+    bounds[0] = 0;
+    int64_t item = 0, done = 0;
+    for (int t = 1; t < num_threads; t++) {
+        const int64_t target = total * t / num_threads;
+        while (item < items && done < target) {
+            const int64_t ctx = context_lens[item / num_kv_heads];
+            done += (window > 0 && ctx > window ? window : ctx) + 16;
+            item++;
+        }
+        bounds[t] = item;
+    }
+    bounds[num_threads] = items;
+}
+
 /* dtype (q, out) and cache_dtype (k_cache, v_cache): 0 float32, 1 bfloat16, 2 float16.
- * Returns 0, or -1 when a size is over the limits above (the caller then uses its
- * fallback). */
-int paged_decode_attention(void *out, const void *q, const void *k_cache, const void *v_cache,
-                           const int64_t *block_tables, int64_t max_blocks,
+ * Returns 0; -1 when a size is over the limits above (the caller then uses its fallback);
+ * -2 when a context is longer than its block table or a block is outside the pool (nothing
+ * is read then). */
+int paged_decode_attention(void *out, const void *q, int64_t q_stride, const void *k_cache,
+                           const void *v_cache, const int64_t *block_tables, int64_t max_blocks,
                            const int64_t *context_lens, const int64_t *kv_of_q,
                            int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
                            int64_t num_blocks, int64_t block_size, int64_t head_dim,
@@ -298,16 +325,24 @@ int paged_decode_attention(void *out, const void *q, const void *k_cache, const 
     if (head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK || num_q_heads > MAX_GROUP ||
         dtype < F32 || dtype > F16 || cache_dtype < F32 || cache_dtype > F16)
         return -1;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        if (context_lens[s] < 0 || context_lens[s] > max_blocks * block_size) return -2;
+        for (int64_t b = 0; b < (context_lens[s] + block_size - 1) / block_size; b++)
+            if (block_tables[s * max_blocks + b] < 0 ||
+                block_tables[s * max_blocks + b] >= num_blocks)
+                return -2;
+    }
     const int64_t items = num_seqs * num_kv_heads;
     if (num_threads < 1) num_threads = 1;
     if (num_threads > 64) num_threads = 64;
     if (num_threads > items) num_threads = (int)items;
+    int64_t bounds[65];
+    balance(context_lens, num_kv_heads, window, items, num_threads, bounds);
     job_t jobs[64];
     for (int t = 0; t < num_threads; t++) {
         job_t jb = {out, q, k_cache, v_cache, block_tables, context_lens, kv_of_q,
                     num_q_heads, num_kv_heads, num_blocks, block_size, head_dim, max_blocks,
-                    window, scale, dtype, cache_dtype, items * t / num_threads,
-                    items * (t + 1) / num_threads};
+                    window, q_stride, scale, dtype, cache_dtype, bounds[t], bounds[t + 1]};
         jobs[t] = jb;
     }
 #ifdef _OPENMP

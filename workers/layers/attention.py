@@ -198,14 +198,10 @@ def build_metadata(seqs, block_size: int, sliding_window: int | None,
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                     heads: HeadLayout, scale: float, window: int | None) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens, already in the cache
+    (fused.rotary_and_cache writes them). Returns [T, Hq, D]."""
     num_kv, _, block_size, head_dim = k_cache.shape
-    # The cache may store another dtype than the model computes in (kv_cache_dtype).
-    k_cache.view(num_kv, -1, head_dim).index_copy_(
-        1, meta.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
-    v_cache.view(num_kv, -1, head_dim).index_copy_(
-        1, meta.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # Only an uneven head split needs query heads mapped to KV heads by index.
     kv_of_q = None if heads.uniform else _kv_of_q_tensor(heads, q.device)
 
@@ -240,8 +236,10 @@ def _decode_native(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: Hea
                    scale: float, window: int | None) -> bool:
     """The C kernel (CPU): reads keys and values in place, no gathered copy. False when it
     does not apply here."""
+    # q's rows may be strided (a view into the q/k/v projection); within a row, contiguous.
     if (q.device.type != "cpu" or q.dtype not in _NATIVE_DTYPES
-            or k_cache.dtype not in _NATIVE_DTYPES or not q.is_contiguous()):
+            or k_cache.dtype not in _NATIVE_DTYPES or q.stride(2) != 1
+            or q.stride(1) != q.shape[2] or not out.is_contiguous()):
         return False
     lib = paged_decode_library()
     if lib is None:
@@ -249,11 +247,14 @@ def _decode_native(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: Hea
     num_kv, num_blocks, block_size, head_dim = k_cache.shape
     kv_of_q = _kv_of_q_tensor(heads, q.device)
     status = lib.paged_decode_attention(
-        out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        out.data_ptr(), q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
         meta.decode_block_ids.data_ptr(), meta.decode_blocks_per_seq,
         meta.decode_context_lens.data_ptr(), kv_of_q.data_ptr(), q.shape[0], heads.num_q,
         num_kv, num_blocks, block_size, head_dim, scale, window or 0, _NATIVE_DTYPES[q.dtype],
         _NATIVE_DTYPES[k_cache.dtype], torch.get_num_threads())
+    if status == -2:
+        raise IndexError(f"a decode's block table holds a block index outside the KV cache of "
+                         f"{num_blocks} blocks")
     return status == 0
 
 

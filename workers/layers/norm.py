@@ -1,9 +1,12 @@
-"""RMSNorm computed the way transformers computes it (fp32 variance), so outputs match."""
+"""RMSNorm computed the way transformers computes it (fp32 variance), so outputs match; with
+the residual add before it fused in (see fused.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .fused import add_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -16,9 +19,8 @@ class RMSNorm(nn.Module):
     def load(self, source) -> None:
         self.weight.copy_(source[:])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        variance = x32.pow(2).mean(-1, keepdim=True)
-        x32 = x32 * torch.rsqrt(variance + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual): the normed input of the next sublayer and
+        the residual stream it adds to."""
+        return add_rms_norm(x, residual, self.weight, self.eps)

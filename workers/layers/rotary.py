@@ -11,7 +11,8 @@ max_position_embeddings. Here each token gets the frequencies of its own sequenc
 at the step that computes it (its chunk's end), which is what transformers does when it
 generates one sequence with its prompt in one piece.
 
-cos/sin are looked up once per step (`cos_sin`) and shared by every layer.
+cos/sin are looked up once per step (`cos_sin`) and shared by every layer; they are applied
+to q and k in fused.py, together with the cache write.
 """
 
 from __future__ import annotations
@@ -48,17 +49,6 @@ def inverse_frequencies(hf_config, head_dim: int, seq_len: int | None = None
             return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](hf_config, "cpu", seq_len=seq_len)
     return inv_freq.float(), float(scaling)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q: [T, Hq, D], k: [T, Hkv, D]; cos, sin: [T, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 class RotaryEmbedding(nn.Module):

@@ -14,9 +14,10 @@ from transformers.activations import ACT2FN
 
 from ..layers.attention import AttentionMetadata, HeadLayout, paged_attention
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ..layers.fused import rotary_and_cache, silu_and_mul
 from ..layers.linear import ColumnParallelLinear, RowParallelLinear
 from ..layers.norm import RMSNorm
-from ..layers.rotary import RotaryEmbedding, apply_rotary
+from ..layers.rotary import RotaryEmbedding
 from ..parallel import ParallelContext, split_range
 from . import ModelShape
 
@@ -49,10 +50,10 @@ class LlamaAttention(nn.Module):
         padded = x.shape[0]
         x = x[:meta.num_tokens]  # sequence parallelism pads the batch to a multiple of TP
         t, d, h = x.shape[0], self.head_dim, self.heads
-        q, k, v = self.qkv_proj(x).split([h.num_q * d, h.num_kv * d, h.num_kv * d], dim=-1)
-        q, k = apply_rotary(q.view(t, h.num_q, d), k.view(t, h.num_kv, d), *cos_sin)
-        out = paged_attention(q, k, v.view(t, h.num_kv, d), kv_cache[0], kv_cache[1], meta,
-                              h, self.scale, self.window).view(t, h.num_q * d)
+        q, k, v = rotary_and_cache(self.qkv_proj(x), h.num_q, h.num_kv, d, *cos_sin,
+                                   kv_cache[0], kv_cache[1], meta.slot_mapping)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, h, self.scale,
+                              self.window).view(t, h.num_q * d)
         if padded > t:
             out = F.pad(out, (0, 0, 0, padded - t))
         return self.o_proj(out)
@@ -66,7 +67,7 @@ class LlamaMLP(nn.Module):
                                                  bias=shape.mlp_bias, dtype=dtype, device=device)
         self.down_proj = RowParallelLinear(part, shape.hidden_size, bias=shape.mlp_bias, ctx=ctx,
                                            dtype=dtype, device=device)
-        self.act = ACT2FN[shape.hidden_act]
+        self.act = None if shape.hidden_act == "silu" else ACT2FN[shape.hidden_act]
 
     def load(self, reader, prefix: str) -> None:
         for name in ("gate", "up"):
@@ -76,7 +77,10 @@ class LlamaMLP(nn.Module):
         self.down_proj.load(reader.get(f"{prefix}.down_proj.weight"), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.act is None:  # SiLU, fused with the product
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -101,13 +105,14 @@ class LlamaDecoderLayer(nn.Module):
         # projections need all of them.
         return self.ctx.all_gather_tokens(x) if self.ctx.sequence_parallel else x
 
-    def forward(self, cos_sin, hidden, kv_cache, meta) -> torch.Tensor:
-        residual = hidden
-        x = self.self_attn(cos_sin, self._gather(self.input_layernorm(hidden)), kv_cache, meta)
-        hidden = residual + x
-        residual = hidden
-        x = self.mlp(self._gather(self.post_attention_layernorm(hidden)))
-        return residual + x
+    def forward(self, cos_sin, x, residual, kv_cache, meta):
+        """x: the previous sublayer's output, residual: the stream it adds to (None in the
+        stage's first layer, whose x is the stream itself). Returns the same pair; the stream
+        is their sum, added inside the next norm (transformers' `hidden = residual + x`)."""
+        normed, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(cos_sin, self._gather(normed), kv_cache, meta)
+        normed, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(self._gather(normed)), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -151,8 +156,11 @@ class LlamaForCausalLM(nn.Module):
             chunk = hidden.shape[0] // ctx.tp_size
             hidden = hidden[ctx.tp_rank * chunk:(ctx.tp_rank + 1) * chunk]
         cos_sin = self.rotary.cos_sin(positions, meta.token_seq_lens)  # once for every layer
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(cos_sin, hidden, kv_cache, meta)
+            hidden, residual = layer(cos_sin, hidden, residual, kv_cache, meta)
+        if residual is not None:
+            hidden = residual + hidden
         if ctx.sequence_parallel:
             hidden = ctx.all_gather_tokens(hidden)[:meta.num_tokens]
         return hidden
@@ -160,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (fp32) for the rows to sample; the norm is per row, so applying
         it only to those rows gives the same values."""
-        return self.lm_head(self.norm(hidden)).float()
+        return self.lm_head(self.norm(hidden)[0]).float()
 
 
 def _padding(n: int, multiple: int) -> int:

@@ -1,0 +1,81 @@
+"""The fused C kernels (workers/kernels/fused.c) against their torch references, over the
+shapes the model code gives them: decode batches, prefill chunks past the threading
+threshold, the head layouts of MHA/GQA/MQA, every KV cache dtype."""
+
+import pytest
+import torch
+
+from shardserve.workers.kernels import fused_library
+from shardserve.workers.layers import fused
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    lib = fused_library()
+    assert lib is not None, "the fused kernels must build on this machine (a C compiler is here)"
+    return lib
+
+
+@pytest.mark.parametrize("rows", [1, 7, 33, 700])
+@pytest.mark.parametrize("n", [64, 576, 1000])
+def test_add_rms_norm_matches_torch(rows, n):
+    torch.manual_seed(rows * n)
+    x, residual = torch.randn(rows, n) * 3, torch.randn(rows, n)
+    weight, eps = torch.rand(n) + 0.5, 1e-5
+    normed, summed = fused.add_rms_norm(x, residual, weight, eps)
+    assert torch.equal(summed, residual + x)  # the residual stream stays bit-exact
+    torch.testing.assert_close(normed, fused.rms_norm_reference(residual + x, weight, eps),
+                               rtol=1e-6, atol=1e-6)
+    normed, same = fused.add_rms_norm(x, None, weight, eps)
+    assert same is x
+    torch.testing.assert_close(normed, fused.rms_norm_reference(x, weight, eps),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32, 300])
+@pytest.mark.parametrize("n", [128, 1536, 1003])
+def test_silu_and_mul_matches_torch(rows, n):
+    torch.manual_seed(rows + n)
+    gate_up = torch.randn(rows, 2 * n) * 4
+    gate_up[0, :4] = torch.tensor([0.0, -90.0, 90.0, -1e-30])  # the exp's edges
+    out = fused.silu_and_mul(gate_up)
+    torch.testing.assert_close(out, fused.silu_and_mul_reference(gate_up), rtol=2e-6,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("num_q,num_kv,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 128),
+                                                   (2, 2, 6)])
+@pytest.mark.parametrize("rows", [1, 3, 70])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotary_and_cache_is_bit_identical_to_torch(num_q, num_kv, head_dim, rows,
+                                                    cache_dtype):
+    torch.manual_seed(num_q * rows + head_dim)
+    num_blocks, block_size = 12, 8
+    qkv = torch.randn(rows, (num_q + 2 * num_kv) * head_dim)
+    angles = torch.rand(rows, head_dim // 2) * 100
+    cos = torch.cat([angles.cos()] * 2, dim=-1)
+    sin = torch.cat([angles.sin()] * 2, dim=-1)
+    slots = torch.randperm(num_blocks * block_size)[:rows]
+    caches = [torch.zeros(num_kv, num_blocks, block_size, head_dim, dtype=cache_dtype)
+              for _ in range(4)]
+
+    d = head_dim
+    q, k, v = qkv.clone().split([num_q * d, num_kv * d, num_kv * d], dim=-1)
+    want_q, want_k = fused.rotary_and_cache_reference(
+        q.reshape(rows, num_q, d), k.reshape(rows, num_kv, d), v.reshape(rows, num_kv, d),
+        cos, sin, caches[0], caches[1], slots)
+    got_q, got_k, got_v = fused.rotary_and_cache(qkv, num_q, num_kv, d, cos, sin, caches[2],
+                                                 caches[3], slots)
+    assert got_q.data_ptr() == qkv.data_ptr(), "the C path rotates in place"
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert torch.equal(got_v, v.reshape(rows, num_kv, d))
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+
+
+def test_a_slot_outside_the_cache_is_refused_not_written():
+    qkv = torch.randn(2, (2 + 2 * 1) * 8)
+    cos, sin = torch.ones(2, 8), torch.zeros(2, 8)
+    k_cache, v_cache = torch.zeros(1, 4, 4, 8), torch.zeros(1, 4, 4, 8)
+    with pytest.raises(IndexError, match="slot index 16 is outside the cache of 16 slots"):
+        fused.rotary_and_cache(qkv, 2, 1, 8, cos, sin, k_cache, v_cache, torch.tensor([3, 16]))
+    assert not k_cache.any() and not v_cache.any()

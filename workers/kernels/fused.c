@@ -1,0 +1,182 @@
+/*
+ * Element-wise steps of a decoder layer, each fused into one pass over its rows, for CPUs.
+ *
+ * torch runs each of these as several small ops (RMSNorm alone is add, pow, mean, add, rsqrt,
+ * mul, mul), each a dispatch, an allocation and a pass over memory; at decode batch sizes the
+ * overhead is most of their cost. Every function computes the same float32 operations as the
+ * torch code it replaces (workers/layers/fused.py holds that reference), and this file is
+ * built with -ffp-contract=off so that a * b + c stays two roundings, as in torch:
+ *   - rotary embedding and the cache write are bit-identical to torch;
+ *   - RMSNorm differs only in the order of the sum of squares (four vector accumulators);
+ *   - SiLU uses an exp accurate to ~1e-7 relative instead of torch's SLEEF exp.
+ * Rows are split over threads (OpenMP, torch's own pool) only when there is enough work for
+ * a parallel region to pay.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+#define PARALLEL_ELEMENTS 65536
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+#define LOAD8(p) (*(const v8u *)(p))
+
+/* Four vector accumulators: a single one would make every add wait on the previous one. */
+static inline float sum_of_squares(const float *x, int64_t n) {
+    v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const v8 a = LOAD8(x + i), b = LOAD8(x + i + 8), c = LOAD8(x + i + 16),
+                 d = LOAD8(x + i + 24);
+        s0 += a * a;
+        s1 += b * b;
+        s2 += c * c;
+        s3 += d * d;
+    }
+    const v8 s = (s0 + s1) + (s2 + s3);
+    float total = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; i < n; i++) total += x[i] * x[i];
+    return total;
+}
+
+/* summed = x + residual, then out = weight * (summed * rsqrt(mean(summed^2) + eps)).
+ * Without a residual (NULL) the norm is of x itself and summed is not written.
+ * All [rows, n] contiguous. */
+void add_rms_norm_f32(float *out, float *summed, const float *x, const float *residual,
+                      const float *weight, int64_t rows, int64_t n, float eps) {
+#pragma omp parallel for if (rows * n >= PARALLEL_ELEMENTS) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *src = x + r * n;
+        if (residual != NULL) {
+            const float *res = residual + r * n;
+            float *sum_row = summed + r * n;
+            for (int64_t i = 0; i < n; i++) sum_row[i] = res[i] + src[i];
+            src = sum_row;
+        }
+        const float inv = 1.f / sqrtf(sum_of_squares(src, n) / (float)n + eps);
+        float *o = out + r * n;
+        for (int64_t i = 0; i < n; i++) o[i] = weight[i] * (src[i] * inv);
+    }
+}
+
+/* exp on eight lanes for x <= 0 (as in paged_attention.c): Taylor series of exp(r) to r^6
+ * after x = n ln2 + r, times 2^n built in the exponent bits. */
+static inline v8 exp8(v8 x) {
+    const v8 lo = {-87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f};
+    const v8i below = x < lo;
+    x = (v8)(((v8i)lo & below) | ((v8i)x & ~below));
+    const v8 magic = {12582912.f, 12582912.f, 12582912.f, 12582912.f, 12582912.f, 12582912.f,
+                      12582912.f, 12582912.f};
+    const v8 shifted = x * 1.44269504f + magic;
+    const v8 k = shifted - magic;
+    const v8 r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+    v8 p = r * (1.f / 720) + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const v8i bits = ((v8i)shifted - 0x4B400000 + 127) << 23;
+    return p * (v8)bits;
+}
+
+static inline float silu(float g) {
+    return g / (1.f + expf(-g));
+}
+
+/* out[r] = silu(gate_up[r, :n]) * gate_up[r, n:2n]: the gated MLP's activation, reading
+ * the fused gate/up projection's output directly. out [rows, n], gate_up [rows, 2n]. */
+void silu_and_mul_f32(float *out, const float *gate_up, int64_t rows, int64_t n) {
+#pragma omp parallel for if (rows * n >= PARALLEL_ELEMENTS) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * 2 * n, *u = g + n;
+        float *o = out + r * n;
+        int64_t i = 0;
+        const v8 one = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
+        for (; i + 8 <= n; i += 8) {
+            const v8 x = LOAD8(g + i);
+            const v8i negative = x < (v8){0};
+            /* exp(-|x|) <= 1 keeps exp8 in its range: sigmoid(x) = 1 / (1 + e) for x >= 0,
+             * e / (1 + e) for x < 0, with e = exp(-|x|). */
+            const v8 absx = (v8)((v8i)x & (v8i){0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
+                                                0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff});
+            const v8 e = exp8(-absx);
+            const v8 numerator = (v8)(((v8i)e & negative) | ((v8i)one & ~negative));
+            *(v8u *)(o + i) = x * (numerator / (one + e)) * LOAD8(u + i);
+        }
+        for (; i < n; i++) o[i] = silu(g[i]) * u[i];
+    }
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fff + ((u >> 16) & 1); /* round to nearest even, as torch's .to(bfloat16) */
+    return (uint16_t)(u >> 16);
+}
+
+static void store_row(int dtype, void *base, int64_t offset, const float *src, int64_t n) {
+    if (dtype == F32) {
+        memcpy((float *)base + offset, src, n * sizeof(float));
+    } else if (dtype == BF16) {
+        uint16_t *dst = (uint16_t *)base + offset;
+        for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+    } else {
+        _Float16 *dst = (_Float16 *)base + offset;
+        int64_t i = 0;
+#ifdef __F16C__
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)(dst + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+        for (; i < n; i++) dst[i] = (_Float16)src[i];
+    }
+}
+
+/* x * cos + rotate_half(x) * sin on one head, in place: rotate_half(x) is (-x2, x1) for the
+ * halves x1, x2, so element i and i + D/2 are computed from the same pair. */
+static inline void rotate_head(float *x, const float *cos, const float *sin, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * cos[i] + (-x2) * sin[i];
+        x[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+    }
+}
+
+/* For each token row of the fused q/k/v projection ([rows, row_stride], q heads then k heads
+ * then v heads, each of head_dim): rotary on q and k in place, then k and v stored at the
+ * token's cache slot (caches [num_kv, total_slots, head_dim] of cache_dtype). cos, sin:
+ * [rows, head_dim]. Returns 0; -1 for an odd head_dim or an unknown cache dtype, -2 for a
+ * slot outside the cache (nothing is written then). */
+int rotary_and_cache_f32(float *qkv, int64_t rows, int64_t row_stride, int64_t num_q,
+                         int64_t num_kv, int64_t head_dim, const float *cos, const float *sin,
+                         const int64_t *slots, void *k_cache, void *v_cache,
+                         int64_t total_slots, int cache_dtype) {
+    if (head_dim % 2 || cache_dtype < F32 || cache_dtype > F16) return -1;
+    for (int64_t r = 0; r < rows; r++)
+        if (slots[r] < 0 || slots[r] >= total_slots) return -2;
+    const int64_t D = head_dim;
+#pragma omp parallel for if (rows * (num_q + 2 * num_kv) * D >= PARALLEL_ELEMENTS) \
+    schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = qkv + r * row_stride;
+        const float *c = cos + r * D, *s = sin + r * D;
+        for (int64_t h = 0; h < num_q + num_kv; h++) rotate_head(row + h * D, c, s, D);
+        const float *k = row + num_q * D, *v = k + num_kv * D;
+        for (int64_t h = 0; h < num_kv; h++) {
+            const int64_t offset = (h * total_slots + slots[r]) * D;
+            store_row(cache_dtype, k_cache, offset, k + h * D, D);
+            store_row(cache_dtype, v_cache, offset, v + h * D, D);
+        }
+    }
+    return 0;
+}
