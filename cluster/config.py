@@ -86,7 +86,8 @@ class EngineConfig:
     model: str = "smollm2"
     dtype: str = "auto"
     # How keys and values are stored: auto (the model's dtype, token-exact), float32,
-    # bfloat16 or float16 (half the memory and traffic, within a stated tolerance).
+    # bfloat16 or float16 (half the memory and traffic), int8 (about a quarter of float32's,
+    # a scale per cached vector); the last three within a stated tolerance.
     kv_cache_dtype: str = "auto"
     device: str = "auto"
     # Longest prompt + output; None: the model's max_position_embeddings.
@@ -134,8 +135,8 @@ class EngineConfig:
              "max_model_len must be >= 2"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"),
              "dtype must be auto, float32, bfloat16 or float16"),
-            (self.kv_cache_dtype in ("auto", "float32", "bfloat16", "float16"),
-             "kv_cache_dtype must be auto, float32, bfloat16 or float16"),
+            (self.kv_cache_dtype in ("auto", "float32", "bfloat16", "float16", "int8"),
+             "kv_cache_dtype must be auto, float32, bfloat16, float16 or int8"),
         ]
         for ok, message in checks:
             if not ok:

@@ -140,3 +140,30 @@ def test_a_block_outside_the_pool_is_refused_not_read():
     cache = torch.randn(2, 4, 16, 64)
     with pytest.raises(IndexError, match="outside the KV cache of 4 blocks"):
         A._decode_native(q, out, cache, cache, meta, heads, 0.125, None)
+
+
+def test_an_int8_cache_is_its_vectors_times_their_scales():
+    """kv_cache_dtype int8: the kernel and the torch path both attend over int8 x scale, so
+    they agree with fp32 attention over the dequantized cache."""
+    from shardserve.workers.layers.fused import quantize_int8
+
+    heads = A.HeadLayout.for_rank(9, 3, 1, 0)
+    seqs = decode_batch([129, 70, 16, 5], 16, 20, seed=2)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(4, 9, 64, generator=g) * 4
+    k_int8, k_scales = quantize_int8(torch.randn(3, 20, 16, 64, generator=g))
+    v_int8, v_scales = quantize_int8(torch.randn(3, 20, 16, 64, generator=g))
+    cpu = torch.device("cpu")
+    expected = torch.empty_like(q)
+    A._decode_torch(q, expected, A.dequantize(k_int8, k_scales, torch.float32),
+                    A.dequantize(v_int8, v_scales, torch.float32),
+                    A.build_metadata(seqs, 16, None, A.Workspace(torch.float32, cpu), cpu),
+                    heads, 0.125, None)
+    meta = A.build_metadata(seqs, 16, None, A.Workspace(torch.int8, cpu), cpu)
+    got = torch.full_like(q, float("nan"))
+    assert A._decode_native(q, got, k_int8, v_int8, meta, heads, 0.125, None, k_scales,
+                            v_scales)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch_path = torch.full_like(q, float("nan"))
+    A._decode_torch(q, torch_path, k_int8, v_int8, meta, heads, 0.125, None, k_scales, v_scales)
+    torch.testing.assert_close(torch_path, expected, rtol=1e-5, atol=1e-5)

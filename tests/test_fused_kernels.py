@@ -7,6 +7,7 @@ import torch
 
 from shardserve.workers.kernels import fused_library
 from shardserve.workers.layers import fused
+from shardserve.workers.layers.attention import LayerKVCache
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,7 +47,8 @@ def test_silu_and_mul_matches_torch(rows, n):
 @pytest.mark.parametrize("num_q,num_kv,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 128),
                                                    (2, 2, 6)])
 @pytest.mark.parametrize("rows", [1, 3, 70])
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float16,
+                                         torch.int8])
 def test_rotary_and_cache_is_bit_identical_to_torch(num_q, num_kv, head_dim, rows,
                                                     cache_dtype):
     torch.manual_seed(num_q * rows + head_dim)
@@ -56,26 +58,45 @@ def test_rotary_and_cache_is_bit_identical_to_torch(num_q, num_kv, head_dim, row
     cos = torch.cat([angles.cos()] * 2, dim=-1)
     sin = torch.cat([angles.sin()] * 2, dim=-1)
     slots = torch.randperm(num_blocks * block_size)[:rows]
-    caches = [torch.zeros(num_kv, num_blocks, block_size, head_dim, dtype=cache_dtype)
-              for _ in range(4)]
+    caches = [new_cache(num_kv, num_blocks, block_size, head_dim, cache_dtype)
+              for _ in range(2)]
 
     d = head_dim
     q, k, v = qkv.clone().split([num_q * d, num_kv * d, num_kv * d], dim=-1)
     want_q, want_k = fused.rotary_and_cache_reference(
         q.reshape(rows, num_q, d), k.reshape(rows, num_kv, d), v.reshape(rows, num_kv, d),
-        cos, sin, caches[0], caches[1], slots)
-    got_q, got_k, got_v = fused.rotary_and_cache(qkv, num_q, num_kv, d, cos, sin, caches[2],
-                                                 caches[3], slots)
+        cos, sin, caches[0], slots)
+    got_q, got_k, got_v = fused.rotary_and_cache(qkv, num_q, num_kv, d, cos, sin, caches[1],
+                                                 slots)
     assert got_q.data_ptr() == qkv.data_ptr(), "the C path rotates in place"
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
     assert torch.equal(got_v, v.reshape(rows, num_kv, d))
-    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    for name in ("keys", "values", "key_scales", "value_scales"):
+        want, got = getattr(caches[0], name), getattr(caches[1], name)
+        assert (want is None and got is None) or torch.equal(got, want), name
+
+
+def new_cache(num_kv, num_blocks, block_size, head_dim, dtype) -> LayerKVCache:
+    shape = (num_kv, num_blocks, block_size, head_dim)
+    cache = LayerKVCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+    if dtype == torch.int8:
+        cache.key_scales, cache.value_scales = torch.zeros(shape[:-1]), torch.zeros(shape[:-1])
+    return cache
+
+
+def test_int8_quantization_error_is_within_half_a_step():
+    x = torch.randn(50, 64) * torch.rand(50, 1) * 10
+    x[3] = 0  # an all-zero vector keeps scale 0 and dequantizes to zeros
+    q, scale = fused.quantize_int8(x)
+    back = q.float() * scale[:, None]
+    assert torch.all((back - x).abs() <= scale[:, None] / 2 + 1e-6)
+    assert scale[3] == 0 and not back[3].any()
 
 
 def test_a_slot_outside_the_cache_is_refused_not_written():
     qkv = torch.randn(2, (2 + 2 * 1) * 8)
     cos, sin = torch.ones(2, 8), torch.zeros(2, 8)
-    k_cache, v_cache = torch.zeros(1, 4, 4, 8), torch.zeros(1, 4, 4, 8)
+    cache = new_cache(1, 4, 4, 8, torch.float32)
     with pytest.raises(IndexError, match="slot index 16 is outside the cache of 16 slots"):
-        fused.rotary_and_cache(qkv, 2, 1, 8, cos, sin, k_cache, v_cache, torch.tensor([3, 16]))
-    assert not k_cache.any() and not v_cache.any()
+        fused.rotary_and_cache(qkv, 2, 1, 8, cos, sin, cache, torch.tensor([3, 16]))
+    assert not cache.keys.any() and not cache.values.any()

@@ -102,8 +102,9 @@ def paged_decode_library() -> ctypes.CDLL | None:
     lib = _library("paged_attention")
     if lib is not None and not lib.paged_decode_attention.argtypes:
         fn = lib.paged_decode_attention
-        fn.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64,
-                       i64, ctypes.c_float, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64,
+                       i64, i64, i64, ctypes.c_float, i64, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int]
         fn.restype = ctypes.c_int
     return lib
 
@@ -119,6 +120,6 @@ def fused_library() -> ctypes.CDLL | None:
         lib.silu_and_mul_f32.argtypes = [ptr, ptr, i64, i64]
         lib.silu_and_mul_f32.restype = None
         lib.rotary_and_cache_f32.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr,
-                                             ptr, i64, ctypes.c_int]
+                                             ptr, ptr, ptr, i64, ctypes.c_int]
         lib.rotary_and_cache_f32.restype = ctypes.c_int
     return lib

@@ -19,7 +19,7 @@
 #include <immintrin.h>
 #endif
 
-enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
 
 #define PARALLEL_ELEMENTS 65536
 
@@ -141,6 +141,16 @@ static void store_row(int dtype, void *base, int64_t offset, const float *src, i
     }
 }
 
+/* Symmetric int8 with one scale per vector: scale = max|x| / 127, q = round(x / scale), the
+ * same float32 operations as the torch reference (round half to even). */
+static void store_int8_row(int8_t *dst, float *scale_out, const float *src, int64_t n) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(src[i]));
+    const float scale = amax / 127.f;
+    *scale_out = scale;
+    for (int64_t i = 0; i < n; i++) dst[i] = scale > 0.f ? (int8_t)nearbyintf(src[i] / scale) : 0;
+}
+
 /* x * cos + rotate_half(x) * sin on one head, in place: rotate_half(x) is (-x2, x1) for the
  * halves x1, x2, so element i and i + D/2 are computed from the same pair. */
 static inline void rotate_head(float *x, const float *cos, const float *sin, int64_t D) {
@@ -154,14 +164,16 @@ static inline void rotate_head(float *x, const float *cos, const float *sin, int
 
 /* For each token row of the fused q/k/v projection ([rows, row_stride], q heads then k heads
  * then v heads, each of head_dim): rotary on q and k in place, then k and v stored at the
- * token's cache slot (caches [num_kv, total_slots, head_dim] of cache_dtype). cos, sin:
- * [rows, head_dim]. Returns 0; -1 for an odd head_dim or an unknown cache dtype, -2 for a
+ * token's cache slot (caches [num_kv, total_slots, head_dim] of cache_dtype; for int8 also
+ * each vector's scale in k_scales/v_scales [num_kv, total_slots]). cos, sin: [rows, head_dim]. Returns 0; -1 for an odd head_dim or an unknown cache dtype, -2 for a
  * slot outside the cache (nothing is written then). */
 int rotary_and_cache_f32(float *qkv, int64_t rows, int64_t row_stride, int64_t num_q,
                          int64_t num_kv, int64_t head_dim, const float *cos, const float *sin,
-                         const int64_t *slots, void *k_cache, void *v_cache,
-                         int64_t total_slots, int cache_dtype) {
-    if (head_dim % 2 || cache_dtype < F32 || cache_dtype > F16) return -1;
+                         const int64_t *slots, void *k_cache, void *v_cache, float *k_scales,
+                         float *v_scales, int64_t total_slots, int cache_dtype) {
+    if (head_dim % 2 || cache_dtype < F32 || cache_dtype > I8 ||
+        (cache_dtype == I8 && (k_scales == NULL || v_scales == NULL)))
+        return -1;
     for (int64_t r = 0; r < rows; r++)
         if (slots[r] < 0 || slots[r] >= total_slots) return -2;
     const int64_t D = head_dim;
@@ -173,9 +185,14 @@ int rotary_and_cache_f32(float *qkv, int64_t rows, int64_t row_stride, int64_t n
         for (int64_t h = 0; h < num_q + num_kv; h++) rotate_head(row + h * D, c, s, D);
         const float *k = row + num_q * D, *v = k + num_kv * D;
         for (int64_t h = 0; h < num_kv; h++) {
-            const int64_t offset = (h * total_slots + slots[r]) * D;
-            store_row(cache_dtype, k_cache, offset, k + h * D, D);
-            store_row(cache_dtype, v_cache, offset, v + h * D, D);
+            const int64_t slot = h * total_slots + slots[r];
+            if (cache_dtype == I8) {
+                store_int8_row((int8_t *)k_cache + slot * D, k_scales + slot, k + h * D, D);
+                store_int8_row((int8_t *)v_cache + slot * D, v_scales + slot, v + h * D, D);
+            } else {
+                store_row(cache_dtype, k_cache, slot * D, k + h * D, D);
+                store_row(cache_dtype, v_cache, slot * D, v + h * D, D);
+            }
         }
     }
     return 0;

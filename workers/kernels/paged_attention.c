@@ -15,9 +15,11 @@
  *   block_tables  [num_seqs, max_blocks]  (int64)
  *   context_lens  [num_seqs]              (int64)
  *   kv_of_q       [num_q_heads]           (int64): the KV head each query head reads
- * Element types: float32, bfloat16, float16, for q/out and (separately) for the cache;
- * accumulation in float32. A 16-bit cache is widened to float32 a block at a time (F16C on
- * x86), so it halves the bytes read, which bound this kernel.
+ *   k_scale/v     [num_kv_heads, num_blocks, block_size] float32, for an int8 cache only
+ * Element types: float32, bfloat16, float16, for q/out and (separately) for the cache, and
+ * int8 for the cache (each cached vector times its own scale); accumulation in float32. A
+ * 16-bit or int8 cache is widened to float32 a block at a time (F16C on x86), so it halves
+ * or quarters the bytes read, which bound this kernel.
  */
 #include <math.h>
 #include <pthread.h>
@@ -31,7 +33,7 @@
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 256
 
-enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
 
 /* GCC/Clang vector extensions: 8 floats, AVX on x86, NEON pairs on ARM, scalar elsewhere. */
 typedef float v8 __attribute__((vector_size(32)));
@@ -40,6 +42,7 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));
 typedef struct {
     void *out;
     const void *q, *k_cache, *v_cache;
+    const float *k_scales, *v_scales;
     const int64_t *block_tables, *context_lens, *kv_of_q;
     int64_t num_q_heads, num_kv_heads, num_blocks, block_size, head_dim, max_blocks, window;
     int64_t q_stride;
@@ -60,6 +63,16 @@ static inline uint16_t f32_to_bf16(float f) {
     memcpy(&u, &f, 4);
     u += 0x7fff + ((u >> 16) & 1); /* round to nearest even */
     return (uint16_t)(u >> 16);
+}
+
+/* A block of an int8 cache as floats: row t (head_dim values) times scales[t]. */
+static inline const float *int8_as_f32(const int8_t *src, const float *scales, int64_t rows,
+                                       int64_t D, float *buf) {
+    for (int64_t t = 0; t < rows; t++) {
+        const float scale = scales[t];
+        for (int64_t d = 0; d < D; d++) buf[t * D + d] = (float)src[t * D + d] * scale;
+    }
+    return buf;
 }
 
 /* n elements as floats: float32 data is read in place, other types converted into buf. */
@@ -262,7 +275,7 @@ static void *worker(void *arg) {
             if (start + BS < ctx) {
                 /* Blocks are scattered: fetch the next one while this one is computed. */
                 const int64_t next = (kvh * j->num_blocks + table[start / BS + 1]) * BS * D;
-                const int64_t element = j->cache_dtype == F32 ? 4 : 2;
+                const int64_t element = j->cache_dtype == F32 ? 4 : j->cache_dtype == I8 ? 1 : 2;
                 const int64_t bytes = BS * D * element;
                 const char *nk = (const char *)j->k_cache + next * element;
                 const char *nv = (const char *)j->v_cache + next * element;
@@ -271,8 +284,16 @@ static void *worker(void *arg) {
                     __builtin_prefetch(nv + b);
                 }
             }
-            const float *keys = as_f32(j->cache_dtype, j->k_cache, base, BS * D, kbuf);
-            const float *values = as_f32(j->cache_dtype, j->v_cache, base, BS * D, vbuf);
+            const float *keys, *values;
+            if (j->cache_dtype == I8) {
+                keys = int8_as_f32((const int8_t *)j->k_cache + base, j->k_scales + base / D, hi,
+                                   D, kbuf);
+                values = int8_as_f32((const int8_t *)j->v_cache + base, j->v_scales + base / D,
+                                     hi, D, vbuf);
+            } else {
+                keys = as_f32(j->cache_dtype, j->k_cache, base, BS * D, kbuf);
+                values = as_f32(j->cache_dtype, j->v_cache, base, BS * D, vbuf);
+            }
             for (int64_t i = 0; i < g; i++)
                 attend_block(q + i * D, keys, values, scores, acc + i * D, &m[i], &l[i], lo,
                              hi, D, j->scale);
@@ -311,19 +332,22 @@ static void balance(const int64_t *context_lens, int64_t num_kv_heads, int64_t w
     bounds[num_threads] = items;
 }
 
-/* dtype (q, out) and cache_dtype (k_cache, v_cache): 0 float32, 1 bfloat16, 2 float16.
+/* dtype (q, out) and cache_dtype (k_cache, v_cache): 0 float32, 1 bfloat16, 2 float16, and
+ * for the cache 3 int8 (k_scales, v_scales then hold each cached vector's scale; else NULL).
  * Returns 0; -1 when a size is over the limits above (the caller then uses its fallback);
  * -2 when a context is longer than its block table or a block is outside the pool (nothing
  * is read then). */
 int paged_decode_attention(void *out, const void *q, int64_t q_stride, const void *k_cache,
-                           const void *v_cache, const int64_t *block_tables, int64_t max_blocks,
+                           const void *v_cache, const float *k_scales, const float *v_scales,
+                           const int64_t *block_tables, int64_t max_blocks,
                            const int64_t *context_lens, const int64_t *kv_of_q,
                            int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
                            int64_t num_blocks, int64_t block_size, int64_t head_dim,
                            float scale, int64_t window, int dtype, int cache_dtype,
                            int num_threads) {
     if (head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK || num_q_heads > MAX_GROUP ||
-        dtype < F32 || dtype > F16 || cache_dtype < F32 || cache_dtype > F16)
+        dtype < F32 || dtype > F16 || cache_dtype < F32 || cache_dtype > I8 ||
+        (cache_dtype == I8 && (k_scales == NULL || v_scales == NULL)))
         return -1;
     for (int64_t s = 0; s < num_seqs; s++) {
         if (context_lens[s] < 0 || context_lens[s] > max_blocks * block_size) return -2;
@@ -340,8 +364,8 @@ int paged_decode_attention(void *out, const void *q, int64_t q_stride, const voi
     balance(context_lens, num_kv_heads, window, items, num_threads, bounds);
     job_t jobs[64];
     for (int t = 0; t < num_threads; t++) {
-        job_t jb = {out, q, k_cache, v_cache, block_tables, context_lens, kv_of_q,
-                    num_q_heads, num_kv_heads, num_blocks, block_size, head_dim, max_blocks,
+        job_t jb = {out, q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens,
+                    kv_of_q, num_q_heads, num_kv_heads, num_blocks, block_size, head_dim, max_blocks,
                     window, q_stride, scale, dtype, cache_dtype, bounds[t], bounds[t + 1]};
         jobs[t] = jb;
     }

@@ -1,6 +1,7 @@
 """Attention over a paged KV cache, correct for any mix of prefill and decode in one batch.
 
-Per layer the cache is two tensors of shape [kv_heads, num_blocks, block_size, head_dim].
+Per layer the cache is two tensors of shape [kv_heads, num_blocks, block_size, head_dim]
+(`LayerKVCache`; an int8 cache adds a float32 scale per cached vector).
 Heads lead so that gathering a batch's blocks (`index_select` on dim 1) yields keys already in
 [kv_heads, batch, context, head_dim] order, ready for SDPA without another copy.
 
@@ -62,6 +63,36 @@ class HeadLayout:
             return False
         group = self.num_q // self.num_kv
         return all(kv == h // group for h, kv in enumerate(self.kv_of_q))
+
+
+@dataclass
+class LayerKVCache:
+    """One layer's keys and values [kv_heads, num_blocks, block_size, head_dim]. An int8 cache
+    (kv_cache_dtype int8) stores each cached vector (one token, one KV head) as int8 times its
+    own float32 scale, kept in key_scales / value_scales [kv_heads, num_blocks, block_size]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_scales: torch.Tensor | None = None
+    value_scales: torch.Tensor | None = None
+
+    def gather(self, block_ids: torch.Tensor, length: int, dtype: torch.dtype):
+        """The first `length` cached keys and values of these blocks, [kv_heads, length, D],
+        in dtype."""
+        num_kv, head_dim = self.keys.shape[0], self.keys.shape[-1]
+        out = []
+        for cache, scales in ((self.keys, self.key_scales), (self.values, self.value_scales)):
+            rows = cache.index_select(1, block_ids).view(num_kv, -1, head_dim)[:, :length]
+            if scales is not None:
+                rows = dequantize(rows, scales.index_select(1, block_ids).view(num_kv, -1)[
+                    :, :length], dtype)
+            out.append(rows.to(dtype))
+        return out[0], out[1]
+
+
+def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 vectors [..., D] times their scales [...], computed in float32."""
+    return (values.to(torch.float32) * scales.unsqueeze(-1)).to(dtype)
 
 
 @dataclass
@@ -195,30 +226,29 @@ def build_metadata(seqs, block_size: int, sliding_window: int | None,
     )
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    heads: HeadLayout, scale: float, window: int | None) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
+                    meta: AttentionMetadata, heads: HeadLayout, scale: float,
+                    window: int | None) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens, already in the cache
     (fused.rotary_and_cache writes them). Returns [T, Hq, D]."""
-    num_kv, _, block_size, head_dim = k_cache.shape
+    k_cache, v_cache = cache.keys, cache.values
+    scales = (cache.key_scales, cache.value_scales)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # Only an uneven head split needs query heads mapped to KV heads by index.
     kv_of_q = None if heads.uniform else _kv_of_q_tensor(heads, q.device)
 
     if meta.num_decode:
         q_dec, out_dec = q[:meta.num_decode], out[:meta.num_decode]
-        if not _decode_native(q_dec, out_dec, k_cache, v_cache, meta, heads, scale, window):
-            _decode_torch(q_dec, out_dec, k_cache, v_cache, meta, heads, scale, kv_of_q)
+        if not _decode_native(q_dec, out_dec, k_cache, v_cache, meta, heads, scale, window,
+                              *scales):
+            _decode_torch(q_dec, out_dec, k_cache, v_cache, meta, heads, scale, kv_of_q, *scales)
 
     for p in meta.prefills:
         rows = slice(p.start, p.start + p.length)
         if p.block_ids is None:
             keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
         else:
-            keys = k_cache.index_select(1, p.block_ids).view(num_kv, -1, head_dim)
-            values = v_cache.index_select(1, p.block_ids).view(num_kv, -1, head_dim)
-            keys = keys[:, :p.context_length].to(q.dtype)
-            values = values[:, :p.context_length].to(q.dtype)
+            keys, values = cache.gather(p.block_ids, p.context_length, q.dtype)
         if kv_of_q is not None:
             keys, values = keys.index_select(0, kv_of_q), values.index_select(0, kv_of_q)
         o = F.scaled_dot_product_attention(
@@ -230,15 +260,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_NATIVE_CACHE_DTYPES = {**_NATIVE_DTYPES, torch.int8: 3}
 
 
 def _decode_native(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: HeadLayout,
-                   scale: float, window: int | None) -> bool:
+                   scale: float, window: int | None, k_scales=None, v_scales=None) -> bool:
     """The C kernel (CPU): reads keys and values in place, no gathered copy. False when it
     does not apply here."""
     # q's rows may be strided (a view into the q/k/v projection); within a row, contiguous.
     if (q.device.type != "cpu" or q.dtype not in _NATIVE_DTYPES
-            or k_cache.dtype not in _NATIVE_DTYPES or q.stride(2) != 1
+            or k_cache.dtype not in _NATIVE_CACHE_DTYPES or q.stride(2) != 1
             or q.stride(1) != q.shape[2] or not out.is_contiguous()):
         return False
     lib = paged_decode_library()
@@ -248,10 +279,12 @@ def _decode_native(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: Hea
     kv_of_q = _kv_of_q_tensor(heads, q.device)
     status = lib.paged_decode_attention(
         out.data_ptr(), q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        None if k_scales is None else k_scales.data_ptr(),
+        None if v_scales is None else v_scales.data_ptr(),
         meta.decode_block_ids.data_ptr(), meta.decode_blocks_per_seq,
         meta.decode_context_lens.data_ptr(), kv_of_q.data_ptr(), q.shape[0], heads.num_q,
         num_kv, num_blocks, block_size, head_dim, scale, window or 0, _NATIVE_DTYPES[q.dtype],
-        _NATIVE_DTYPES[k_cache.dtype], torch.get_num_threads())
+        _NATIVE_CACHE_DTYPES[k_cache.dtype], torch.get_num_threads())
     if status == -2:
         raise IndexError(f"a decode's block table holds a block index outside the KV cache of "
                          f"{num_blocks} blocks")
@@ -265,15 +298,17 @@ def _kv_of_q_tensor(heads: HeadLayout, device: torch.device) -> torch.Tensor:
 
 
 def _decode_torch(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: HeadLayout,
-                  scale: float, kv_of_q: torch.Tensor | None) -> None:
+                  scale: float, kv_of_q: torch.Tensor | None, k_scales=None,
+                  v_scales=None) -> None:
     """Per group of decodes, gather the blocks they use, then one SDPA call (any device)."""
     for g in meta.decode_groups:
         _decode_group(q[g.start:g.end], out[g.start:g.end], k_cache, v_cache, g, meta.workspace,
-                      heads, scale, kv_of_q)
+                      heads, scale, kv_of_q, k_scales, v_scales)
 
 
 def _decode_group(q, out, k_cache, v_cache, g: DecodeGroup, workspace: Workspace,
-                  heads: HeadLayout, scale: float, kv_of_q: torch.Tensor | None) -> None:
+                  heads: HeadLayout, scale: float, kv_of_q: torch.Tensor | None,
+                  k_scales=None, v_scales=None) -> None:
     num_kv, _, block_size, head_dim = k_cache.shape
     nd = q.shape[0]
     shape = (num_kv, g.block_ids.numel(), block_size, head_dim)
@@ -281,6 +316,9 @@ def _decode_group(q, out, k_cache, v_cache, g: DecodeGroup, workspace: Workspace
     values = workspace.get(1, shape)
     torch.index_select(k_cache, 1, g.block_ids, out=keys)
     torch.index_select(v_cache, 1, g.block_ids, out=values)
+    if k_scales is not None:  # int8: each vector times its scale
+        keys = dequantize(keys, k_scales.index_select(1, g.block_ids), q.dtype)
+        values = dequantize(values, v_scales.index_select(1, g.block_ids), q.dtype)
     keys = keys.view(num_kv, nd, -1, head_dim).to(q.dtype)
     values = values.view(num_kv, nd, -1, head_dim).to(q.dtype)
     if kv_of_q is None:

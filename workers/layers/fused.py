@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import fused_library
+from .attention import LayerKVCache
 
-_CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 
 
 def _native(*tensors: torch.Tensor):
@@ -75,23 +76,41 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotary_and_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slot_mapping):
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per vector (the last dim): (round(x / scale), scale = max|x| / 127),
+    in float32."""
+    x = x.to(torch.float32)
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(x / scale), torch.zeros_like(x))
+    return q.to(torch.int8), scale.squeeze(-1)
+
+
+def write_cache_reference(cache: LayerKVCache, k: torch.Tensor, v: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+    """k, v [T, Hkv, D] into their slots; the cache may store another dtype than the model
+    computes in (kv_cache_dtype)."""
+    num_kv, head_dim = cache.keys.shape[0], cache.keys.shape[-1]
+    for store, scales, new in ((cache.keys, cache.key_scales, k),
+                               (cache.values, cache.value_scales, v)):
+        if scales is not None:
+            new, new_scales = quantize_int8(new)
+            scales.view(num_kv, -1).index_copy_(1, slot_mapping, new_scales.transpose(0, 1))
+        store.view(num_kv, -1, head_dim).index_copy_(1, slot_mapping,
+                                                     new.transpose(0, 1).to(store.dtype))
+
+
+def rotary_and_cache_reference(q, k, v, cos, sin, cache: LayerKVCache, slot_mapping):
     """q: [T, Hq, D], k, v: [T, Hkv, D]; cos, sin: [T, D]. Returns the rotated q and k, with
-    k and v written to their slots of the caches [Hkv, blocks, block_size, D]."""
+    k and v written to their slots of the cache."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    num_kv, head_dim = k_cache.shape[0], k_cache.shape[-1]
-    # The cache may store another dtype than the model computes in (kv_cache_dtype).
-    k_cache.view(num_kv, -1, head_dim).index_copy_(1, slot_mapping,
-                                                   k.transpose(0, 1).to(k_cache.dtype))
-    v_cache.view(num_kv, -1, head_dim).index_copy_(1, slot_mapping,
-                                                   v.transpose(0, 1).to(v_cache.dtype))
+    write_cache_reference(cache, k, v, slot_mapping)
     return q, k
 
 
 def rotary_and_cache(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int,
-                     cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, slot_mapping: torch.Tensor):
+                     cos: torch.Tensor, sin: torch.Tensor, cache: LayerKVCache,
+                     slot_mapping: torch.Tensor):
     """From the fused q/k/v projection's output [T, (Hq + 2 Hkv) D]: q and k rotated, k and v
     stored in the cache. Returns q [T, Hq, D], k, v [T, Hkv, D]; on the C path they are views
     into qkv (rotated in place), so q's rows are strided."""
@@ -99,20 +118,24 @@ def rotary_and_cache(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int,
     q, k, v = qkv.split([num_q * d, num_kv * d, num_kv * d], dim=-1)
     q, k, v = q.view(t, num_q, d), k.view(t, num_kv, d), v.view(t, num_kv, d)
     lib = _native(qkv, cos, sin)
-    if (lib is None or k_cache.dtype not in _CACHE_DTYPES or not qkv.is_contiguous()
-            or not cos.is_contiguous() or not sin.is_contiguous() or not k_cache.is_contiguous()
-            or not v_cache.is_contiguous()):
-        q, k = rotary_and_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    tensors = [cache.keys, cache.values, cos, sin, qkv]
+    if cache.key_scales is not None:
+        tensors += [cache.key_scales, cache.value_scales]
+    if (lib is None or cache.keys.dtype not in _CACHE_DTYPES
+            or not all(x.is_contiguous() for x in tensors)):
+        q, k = rotary_and_cache_reference(q, k, v, cos, sin, cache, slot_mapping)
         return q, k, v
+    scales = ((None, None) if cache.key_scales is None
+              else (cache.key_scales.data_ptr(), cache.value_scales.data_ptr()))
+    total = cache.keys.numel() // (num_kv * d)
     status = lib.rotary_and_cache_f32(
         qkv.data_ptr(), t, qkv.shape[1], num_q, num_kv, d, cos.data_ptr(), sin.data_ptr(),
-        slot_mapping.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache.numel() // (num_kv * d), _CACHE_DTYPES[k_cache.dtype])
+        slot_mapping.data_ptr(), cache.keys.data_ptr(), cache.values.data_ptr(), *scales,
+        total, _CACHE_DTYPES[cache.keys.dtype])
     if status == -2:
-        total = k_cache.numel() // (num_kv * d)
         bad = slot_mapping[(slot_mapping < 0) | (slot_mapping >= total)][0]
         raise IndexError(f"KV cache slot index {int(bad)} is outside the cache of {total} "
                          "slots")
     if status != 0:  # e.g. an odd head_dim: the reference handles what the kernel does not
-        q, k = rotary_and_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+        q, k = rotary_and_cache_reference(q, k, v, cos, sin, cache, slot_mapping)
     return q, k, v

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..layers.attention import AttentionMetadata, HeadLayout, paged_attention
+from ..layers.attention import AttentionMetadata, HeadLayout, LayerKVCache, paged_attention
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.fused import rotary_and_cache, silu_and_mul
 from ..layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -46,13 +46,14 @@ class LlamaAttention(nn.Module):
         bias = reader.get(f"{prefix}.o_proj.bias") if self.o_proj.bias is not None else None
         self.o_proj.load(reader.get(f"{prefix}.o_proj.weight"), bias)
 
-    def forward(self, cos_sin, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, cos_sin, x, kv_cache: LayerKVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
         padded = x.shape[0]
         x = x[:meta.num_tokens]  # sequence parallelism pads the batch to a multiple of TP
         t, d, h = x.shape[0], self.head_dim, self.heads
-        q, k, v = rotary_and_cache(self.qkv_proj(x), h.num_q, h.num_kv, d, *cos_sin,
-                                   kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, h, self.scale,
+        q, k, v = rotary_and_cache(self.qkv_proj(x), h.num_q, h.num_kv, d, *cos_sin, kv_cache,
+                                   meta.slot_mapping)
+        out = paged_attention(q, k, v, kv_cache, meta, h, self.scale,
                               self.window).view(t, h.num_q * d)
         if padded > t:
             out = F.pad(out, (0, 0, 0, padded - t))
@@ -143,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.load(reader.get(head))
 
     def forward(self, token_ids: torch.Tensor | None, hidden: torch.Tensor | None,
-                positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                positions: torch.Tensor, kv_caches: list[LayerKVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Returns the stage's output hidden states for all tokens (before the final norm)."""
         ctx = self.ctx
