@@ -67,6 +67,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"shardserve is serving {engine_config.model} on {host}:{info['grpc_port']} (gRPC)"
           + (f", metrics on http://{host}:{info['metrics_port']}/metrics"
              if info["metrics_port"] else ""), flush=True)
+    kv_reason = ("auto: the model's dtype, token-exact" if engine_config.kv_cache_dtype == "auto"
+                 else "as configured")
+    print(f"model dtype {info['dtype']} ({info['dtype_reason']}); KV cache "
+          f"{info['kv_cache_dtype']} ({kv_reason}), {info['kv_cache_tokens']} tokens; "
+          f"{info['threads']} CPU threads per shard", flush=True)
     print(f"try: shardserve generate --target {host}:{info['grpc_port']} \"Hello\"",
           flush=True)
 

@@ -25,6 +25,12 @@ class Listening:
     metrics_port: int | None
     host: str
     node_ip: str
+    # What `auto` settings resolved to on the shards, and why; printed at start.
+    dtype: str
+    dtype_reason: str
+    kv_cache_dtype: str
+    kv_cache_tokens: int
+    threads: int
 
 
 class ServerActor:
@@ -50,7 +56,10 @@ class ServerActor:
         if c.metrics_port is not None:
             metrics_port = self.router.metrics.serve(c.host, c.metrics_port)
         self._health_task = asyncio.create_task(self._watch_health(reporter))
-        listening = Listening(port, metrics_port, c.host, ray.util.get_node_ip_address())
+        shard = self.router.engine.executor.describe()["shards"][0]
+        listening = Listening(port, metrics_port, c.host, ray.util.get_node_ip_address(),
+                              shard["dtype"], shard["dtype_reason"], shard["kv_cache_dtype"],
+                              self.router.engine.kv.capacity_tokens, shard["threads"])
         log.info("serving %s on %s:%d", self.engine_config.model, c.host, port)
         return asdict(listening)
 

@@ -51,9 +51,14 @@ def generate(target: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_serve_says_where_it_listens(served):
+def test_serve_says_where_it_listens_and_what_auto_chose(served):
     _, target, log = served
     assert f"on {target} (gRPC)" in open(log).read()
+    deadline = time.time() + 10
+    while "CPU threads per shard" not in open(log).read() and time.time() < deadline:
+        time.sleep(0.2)
+    assert ("model dtype float32 (as configured); KV cache float32 (auto: the model's dtype, "
+            "token-exact), 1024 tokens; 1 CPU threads per shard") in open(log).read()
 
 
 def test_generate_and_stream(served):

@@ -67,6 +67,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+def dtype_reason(name: str, device: torch.device) -> str:
+    """Why the model runs in the dtype resolve_dtype picked, for the start message."""
+    if name != "auto":
+        return "as configured"
+    if device.type == "cuda":
+        return ("auto: this GPU has bfloat16" if torch.cuda.is_bf16_supported()
+                else "auto: this GPU has no bfloat16")
+    return ("auto: this CPU has bfloat16 instructions" if cpu_has_fast_bf16() else
+            "auto: this CPU has no bfloat16 instructions, where bfloat16 runs slower than "
+            "float32")
+
+
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """`auto` stores keys and values in the model's dtype: outputs stay token-exact. A 16-bit
     cache halves the attention's memory traffic and doubles the tokens that fit; int8 (with a
@@ -290,6 +302,7 @@ class Shard:
                   else "host")
         return {"node_id": node, "hostname": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "dtype_reason": dtype_reason(self.spec.dtype, self.device),
                 "kv_cache_dtype": str(self.kv_cache_dtype).replace("torch.", ""),
                 "memory_domain": f"{node}:{domain}",
                 "layers": list(self.model.layer_range), "tp_rank": self.spec.tp_rank,
