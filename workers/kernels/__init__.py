@@ -2,7 +2,8 @@
 
 - paged_attention.c: decode attention over the paged KV cache;
 - fused.c: a decoder layer's element-wise steps (RMSNorm with the residual add, SiLU-and-mul,
-  rotary with the cache write), built with -ffp-contract=off so they round as torch does.
+  rotary with the cache write), built with -ffp-contract=off so they round as torch does;
+- vector_math.h: the vector types and exp they share.
 
 The library is built with -march=native for the machine it runs on and cached under
 <cache>/kernels/<digest>, the digest covering the source, the flags and the CPU model, so a
@@ -74,7 +75,9 @@ def _library(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None
     source_path = _HERE / f"{name}.c"
     base_flags = _FLAGS + list(extra_flags)
     flags = base_flags + _torch_openmp_flags()
-    source = source_path.read_bytes()
+    # The digest covers the headers the sources include, too.
+    source = source_path.read_bytes() + b"".join(
+        header.read_bytes() for header in sorted(_HERE.glob("*.h")))
     digest = hashlib.sha256(source + " ".join(flags).encode() + _cpu_model().encode())
     from ..loader import cache_dir
 

@@ -19,14 +19,9 @@
 #include <immintrin.h>
 #endif
 
-enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
-
 #define PARALLEL_ELEMENTS 65536
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-#define LOAD8(p) (*(const v8u *)(p))
+#include "vector_math.h"
 
 /* Four vector accumulators: a single one would make every add wait on the previous one. */
 static inline float sum_of_squares(const float *x, int64_t n) {
@@ -66,27 +61,6 @@ void add_rms_norm_f32(float *out, float *summed, const float *x, const float *re
     }
 }
 
-/* exp on eight lanes for x <= 0 (as in paged_attention.c): Taylor series of exp(r) to r^6
- * after x = n ln2 + r, times 2^n built in the exponent bits. */
-static inline v8 exp8(v8 x) {
-    const v8 lo = {-87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f};
-    const v8i below = x < lo;
-    x = (v8)(((v8i)lo & below) | ((v8i)x & ~below));
-    const v8 magic = {12582912.f, 12582912.f, 12582912.f, 12582912.f, 12582912.f, 12582912.f,
-                      12582912.f, 12582912.f};
-    const v8 shifted = x * 1.44269504f + magic;
-    const v8 k = shifted - magic;
-    const v8 r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
-    v8 p = r * (1.f / 720) + 1.f / 120;
-    p = p * r + 1.f / 24;
-    p = p * r + 1.f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    const v8i bits = ((v8i)shifted - 0x4B400000 + 127) << 23;
-    return p * (v8)bits;
-}
-
 static inline float silu(float g) {
     return g / (1.f + expf(-g));
 }
@@ -112,32 +86,6 @@ void silu_and_mul_f32(float *out, const float *gate_up, int64_t rows, int64_t n)
             *(v8u *)(o + i) = x * (numerator / (one + e)) * LOAD8(u + i);
         }
         for (; i < n; i++) o[i] = silu(g[i]) * u[i];
-    }
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fff + ((u >> 16) & 1); /* round to nearest even, as torch's .to(bfloat16) */
-    return (uint16_t)(u >> 16);
-}
-
-static void store_row(int dtype, void *base, int64_t offset, const float *src, int64_t n) {
-    if (dtype == F32) {
-        memcpy((float *)base + offset, src, n * sizeof(float));
-    } else if (dtype == BF16) {
-        uint16_t *dst = (uint16_t *)base + offset;
-        for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
-    } else {
-        _Float16 *dst = (_Float16 *)base + offset;
-        int64_t i = 0;
-#ifdef __F16C__
-        for (; i + 8 <= n; i += 8)
-            _mm_storeu_si128((__m128i *)(dst + i),
-                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-#endif
-        for (; i < n; i++) dst[i] = (_Float16)src[i];
     }
 }
 

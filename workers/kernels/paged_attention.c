@@ -33,11 +33,7 @@
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 256
 
-enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
-
-/* GCC/Clang vector extensions: 8 floats, AVX on x86, NEON pairs on ARM, scalar elsewhere. */
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
+#include "vector_math.h"
 
 typedef struct {
     void *out;
@@ -56,13 +52,6 @@ static inline float bf16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &u, 4);
     return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7fff + ((u >> 16) & 1); /* round to nearest even */
-    return (uint16_t)(u >> 16);
 }
 
 /* A block of an int8 cache as floats: row t (head_dim values) times scales[t]. */
@@ -94,20 +83,6 @@ static inline const float *as_f32(int dtype, const void *base, int64_t offset, i
     }
     return buf;
 }
-
-static inline void store(int dtype, void *base, int64_t offset, int64_t n, const float *src) {
-    if (dtype == F32) {
-        memcpy((float *)base + offset, src, n * sizeof(float));
-    } else if (dtype == BF16) {
-        uint16_t *dst = (uint16_t *)base + offset;
-        for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
-    } else {
-        _Float16 *dst = (_Float16 *)base + offset;
-        for (int64_t i = 0; i < n; i++) dst[i] = (_Float16)src[i];
-    }
-}
-
-#define LOAD8(p) (*(const v8u *)(p))
 
 /* Four independent accumulators keep the FMA units busy instead of waiting on one chain. */
 static inline float dot(const float *a, const float *b, int64_t n) {
@@ -189,29 +164,6 @@ static inline v8 dot8(const float *q, const float *rows, int64_t n) {
            PAIRWISE(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 #endif
-
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-/* exp on eight lanes, for x <= 0: x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor series
- * to r^6 (relative error ~1e-7), times 2^n built in the exponent bits. */
-static inline v8 exp8(v8 x) {
-    const v8 lo = {-87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f};
-    const v8i below = x < lo; /* there exp underflows float's normal range */
-    x = (v8)(((v8i)lo & below) | ((v8i)x & ~below));
-    const v8 magic = {12582912.f, 12582912.f, 12582912.f, 12582912.f, 12582912.f, 12582912.f,
-                      12582912.f, 12582912.f}; /* 1.5 * 2^23: adding it rounds to an integer */
-    const v8 shifted = x * 1.44269504f + magic;
-    const v8 n = shifted - magic;
-    const v8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* ln2 split in two parts */
-    v8 p = r * (1.f / 720) + 1.f / 120;
-    p = p * r + 1.f / 24;
-    p = p * r + 1.f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    const v8i bits = ((v8i)shifted - 0x4B400000 + 127) << 23;
-    return p * (v8)bits;
-}
 
 /* Scores of tokens [lo, hi) of a block for one query head, softmax-weighted into acc with the
  * running max m and sum l updated (online softmax). */
@@ -302,7 +254,7 @@ static void *worker(void *arg) {
             float *ai = acc + i * D;
             const float inv = 1.f / l[i];
             for (int64_t d = 0; d < D; d++) ai[d] *= inv;
-            store(j->dtype, j->out, (s * j->num_q_heads + heads[i]) * D, D, ai);
+            store_row(j->dtype, j->out, (s * j->num_q_heads + heads[i]) * D, ai, D);
         }
     }
     return NULL;
