@@ -55,28 +55,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` picks what this device runs fastest: bf16 on GPUs that have it, else fp16;
-    on CPU bf16 only where the CPU has bf16 instructions (else it runs ~4x slower than fp32)."""
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The model's dtype and why (for the start message). `auto` picks what this device runs
+    fastest: bf16 on GPUs that have it, else fp16; on CPU bf16 only where the CPU has bf16
+    instructions (else it runs ~4x slower than fp32)."""
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-        return DTYPES[name]
+        return DTYPES[name], "as configured"
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-
-
-def dtype_reason(name: str, device: torch.device) -> str:
-    """Why the model runs in the dtype resolve_dtype picked, for the start message."""
-    if name != "auto":
-        return "as configured"
-    if device.type == "cuda":
-        return ("auto: this GPU has bfloat16" if torch.cuda.is_bf16_supported()
-                else "auto: this GPU has no bfloat16")
-    return ("auto: this CPU has bfloat16 instructions" if cpu_has_fast_bf16() else
-            "auto: this CPU has no bfloat16 instructions, where bfloat16 runs slower than "
-            "float32")
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: this GPU has bfloat16"
+        return torch.float16, "auto: this GPU has no bfloat16"
+    if cpu_has_fast_bf16():
+        return torch.bfloat16, "auto: this CPU has bfloat16 instructions"
+    return torch.float32, ("auto: this CPU has no bfloat16 instructions, where bfloat16 runs "
+                           "slower than float32")
 
 
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -145,7 +139,7 @@ class Shard:
         self.device = resolve_device(spec.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = resolve_dtype(spec.dtype, self.device)
+        self.dtype, self.dtype_reason = resolve_dtype(spec.dtype, self.device)
         self.kv_cache_dtype = resolve_kv_cache_dtype(spec.kv_cache_dtype, self.dtype)
         self.ctx = ParallelContext(tp_rank=spec.tp_rank, tp_size=spec.tp_size,
                                    pp_rank=spec.pp_rank, pp_size=spec.pp_size,
@@ -302,7 +296,7 @@ class Shard:
                   else "host")
         return {"node_id": node, "hostname": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "dtype_reason": dtype_reason(self.spec.dtype, self.device),
+                "dtype_reason": self.dtype_reason,
                 "kv_cache_dtype": str(self.kv_cache_dtype).replace("torch.", ""),
                 "memory_domain": f"{node}:{domain}",
                 "layers": list(self.model.layer_range), "tp_rank": self.spec.tp_rank,

@@ -13,15 +13,10 @@
  * a parallel region to pay.
  */
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
-#ifdef __F16C__
-#include <immintrin.h>
-#endif
-
-#define PARALLEL_ELEMENTS 65536
 
 #include "vector_math.h"
+
+#define PARALLEL_ELEMENTS 65536
 
 /* Four vector accumulators: a single one would make every add wait on the previous one. */
 static inline float sum_of_squares(const float *x, int64_t n) {
@@ -96,7 +91,8 @@ static void store_int8_row(int8_t *dst, float *scale_out, const float *src, int6
     for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(src[i]));
     const float scale = amax / 127.f;
     *scale_out = scale;
-    for (int64_t i = 0; i < n; i++) dst[i] = scale > 0.f ? (int8_t)nearbyintf(src[i] / scale) : 0;
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = scale > 0.f ? (int8_t)nearbyintf(src[i] / scale) : 0;
 }
 
 /* x * cos + rotate_half(x) * sin on one head, in place: rotate_half(x) is (-x2, x1) for the
@@ -113,7 +109,8 @@ static inline void rotate_head(float *x, const float *cos, const float *sin, int
 /* For each token row of the fused q/k/v projection ([rows, row_stride], q heads then k heads
  * then v heads, each of head_dim): rotary on q and k in place, then k and v stored at the
  * token's cache slot (caches [num_kv, total_slots, head_dim] of cache_dtype; for int8 also
- * each vector's scale in k_scales/v_scales [num_kv, total_slots]). cos, sin: [rows, head_dim]. Returns 0; -1 for an odd head_dim or an unknown cache dtype, -2 for a
+ * each vector's scale in k_scales/v_scales [num_kv, total_slots]). cos, sin: [rows, head_dim].
+ * Returns 0; -1 for an odd head_dim or an unknown cache dtype, -2 for a
  * slot outside the cache (nothing is written then). */
 int rotary_and_cache_f32(float *qkv, int64_t rows, int64_t row_stride, int64_t num_q,
                          int64_t num_kv, int64_t head_dim, const float *cos, const float *sin,

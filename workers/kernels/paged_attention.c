@@ -227,7 +227,8 @@ static void *worker(void *arg) {
             if (start + BS < ctx) {
                 /* Blocks are scattered: fetch the next one while this one is computed. */
                 const int64_t next = (kvh * j->num_blocks + table[start / BS + 1]) * BS * D;
-                const int64_t element = j->cache_dtype == F32 ? 4 : j->cache_dtype == I8 ? 1 : 2;
+                const int64_t element =
+                    j->cache_dtype == F32 ? 4 : j->cache_dtype == I8 ? 1 : 2;
                 const int64_t bytes = BS * D * element;
                 const char *nk = (const char *)j->k_cache + next * element;
                 const char *nv = (const char *)j->v_cache + next * element;
@@ -317,8 +318,9 @@ int paged_decode_attention(void *out, const void *q, int64_t q_stride, const voi
     job_t jobs[64];
     for (int t = 0; t < num_threads; t++) {
         job_t jb = {out, q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens,
-                    kv_of_q, num_q_heads, num_kv_heads, num_blocks, block_size, head_dim, max_blocks,
-                    window, q_stride, scale, dtype, cache_dtype, bounds[t], bounds[t + 1]};
+                    kv_of_q, num_q_heads, num_kv_heads, num_blocks, block_size, head_dim,
+                    max_blocks, window, q_stride, scale, dtype, cache_dtype, bounds[t],
+                    bounds[t + 1]};
         jobs[t] = jb;
     }
 #ifdef _OPENMP

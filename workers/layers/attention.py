@@ -259,8 +259,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     return out
 
 
+# The C kernels' element type codes (workers/kernels/vector_math.h); int8 for caches only.
 _NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_NATIVE_CACHE_DTYPES = {**_NATIVE_DTYPES, torch.int8: 3}
+NATIVE_CACHE_DTYPES = {**_NATIVE_DTYPES, torch.int8: 3}
 
 
 def _decode_native(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: HeadLayout,
@@ -269,7 +270,7 @@ def _decode_native(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: Hea
     does not apply here."""
     # q's rows may be strided (a view into the q/k/v projection); within a row, contiguous.
     if (q.device.type != "cpu" or q.dtype not in _NATIVE_DTYPES
-            or k_cache.dtype not in _NATIVE_CACHE_DTYPES or q.stride(2) != 1
+            or k_cache.dtype not in NATIVE_CACHE_DTYPES or q.stride(2) != 1
             or q.stride(1) != q.shape[2] or not out.is_contiguous()):
         return False
     lib = paged_decode_library()
@@ -284,7 +285,7 @@ def _decode_native(q, out, k_cache, v_cache, meta: AttentionMetadata, heads: Hea
         meta.decode_block_ids.data_ptr(), meta.decode_blocks_per_seq,
         meta.decode_context_lens.data_ptr(), kv_of_q.data_ptr(), q.shape[0], heads.num_q,
         num_kv, num_blocks, block_size, head_dim, scale, window or 0, _NATIVE_DTYPES[q.dtype],
-        _NATIVE_CACHE_DTYPES[k_cache.dtype], torch.get_num_threads())
+        NATIVE_CACHE_DTYPES[k_cache.dtype], torch.get_num_threads())
     if status == -2:
         raise IndexError(f"a decode's block table holds a block index outside the KV cache of "
                          f"{num_blocks} blocks")

@@ -12,9 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import fused_library
-from .attention import LayerKVCache
-
-_CACHE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+from .attention import NATIVE_CACHE_DTYPES, LayerKVCache
 
 
 def _native(*tensors: torch.Tensor):
@@ -121,7 +119,7 @@ def rotary_and_cache(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int,
     tensors = [cache.keys, cache.values, cos, sin, qkv]
     if cache.key_scales is not None:
         tensors += [cache.key_scales, cache.value_scales]
-    if (lib is None or cache.keys.dtype not in _CACHE_DTYPES
+    if (lib is None or cache.keys.dtype not in NATIVE_CACHE_DTYPES
             or not all(x.is_contiguous() for x in tensors)):
         q, k = rotary_and_cache_reference(q, k, v, cos, sin, cache, slot_mapping)
         return q, k, v
@@ -131,7 +129,7 @@ def rotary_and_cache(qkv: torch.Tensor, num_q: int, num_kv: int, head_dim: int,
     status = lib.rotary_and_cache_f32(
         qkv.data_ptr(), t, qkv.shape[1], num_q, num_kv, d, cos.data_ptr(), sin.data_ptr(),
         slot_mapping.data_ptr(), cache.keys.data_ptr(), cache.values.data_ptr(), *scales,
-        total, _CACHE_DTYPES[cache.keys.dtype])
+        total, NATIVE_CACHE_DTYPES[cache.keys.dtype])
     if status == -2:
         bad = slot_mapping[(slot_mapping < 0) | (slot_mapping >= total)][0]
         raise IndexError(f"KV cache slot index {int(bad)} is outside the cache of {total} "
