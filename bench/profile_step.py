@@ -56,7 +56,7 @@ def instrument() -> list[tuple[str, int]]:
         ("shard execute", 1, shard.Shard, "_execute"),
         ("attention metadata", 2, shard, "build_metadata"),
         ("model forward", 2, llama.LlamaForCausalLM, "forward"),
-        ("linears (oneDNN)", 3, cpu_gemm.PackableLinear, "matmul"),
+        ("linears (gemm.c panels or oneDNN)", 3, cpu_gemm.PackableLinear, "matmul"),
         ("attention: prefill SDPA + decode", 3, llama, "paged_attention"),
         ("decode kernel (C)", 4, attention, "_decode_native"),
         ("RMSNorm with the residual add", 3, norm.RMSNorm, "forward"),

@@ -1,10 +1,11 @@
-"""Weights pre-packed for oneDNN on CPU: the same matmul, ~1.6x faster at decode batch sizes.
+"""Linear layers' weights packed once at load time for the CPU's GEMM.
 
-`F.linear` repacks the weight into the GEMM kernel's blocked layout on every call; packing
-once at load time saves that work each step (measured on a 2-core AVX2 machine: a 64-row
-[576 -> 3072] projection 5.5 ms -> 3.4 ms; SmolLM2's LM head at 64 rows 88 ms -> 48 ms).
-Where the op or the dtype is not supported (GPU, bf16 without AVX-512), weights stay as
-they are and `F.linear` runs.
+float32 on CPU: our own kernel (workers/kernels/gemm.c) over weights stored as contiguous
+panels of output columns. At decode batch sizes a step streams every weight once, and the
+panels are read in order at the memory's full bandwidth; with many rows the panel stays in
+cache while the rows go by. Otherwise oneDNN's packed layout (bf16 with AVX-512), else the
+weights as they are and `F.linear` (GPU). Packing once saves the repacking `F.linear` does on
+every call. bench/README.md has the measurements behind this choice.
 """
 
 from __future__ import annotations
@@ -13,36 +14,72 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The packed layout is chosen for a typical number of rows; any row count works.
+from ..kernels import gemm_library
+
+# oneDNN chooses its packed layout for a typical number of rows; any row count works.
 _ROWS_HINT = 64
 
 
 class PackableLinear(nn.Module):
-    """Base of our linear layers: y = x W^T (+ b), with W optionally packed for oneDNN."""
+    """Base of our linear layers: y = x W^T (+ b), W [out, in] optionally packed for the CPU."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
-    packed = False
+    packed: str | None = None  # "panels" (gemm.c) or "onednn"
+    out_features = 0
 
-    def pack_for_cpu(self) -> bool:
-        if self.packed or self.weight.device.type != "cpu" or not _available():
+    def pack_for_cpu(self) -> str | None:
+        if self.packed or self.weight.device.type != "cpu":
             return self.packed
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _ROWS_HINT)
-        except RuntimeError:  # e.g. bf16 on a CPU without AVX-512
-            return False
+        weight = self.weight.detach()
+        self.out_features = weight.shape[0]
+        lib = gemm_library() if weight.dtype == torch.float32 else None
+        if lib is not None:
+            packed, self.packed = pack_panels(weight, lib.gemm_panel_width()), "panels"
+        elif _onednn_available():
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT)
+            except RuntimeError:  # e.g. bf16 on a CPU without AVX-512
+                return None
+            self.packed = "onednn"
+        else:
+            return None
         self.weight = nn.Parameter(packed, requires_grad=False)
-        self.packed = True
-        return True
+        return self.packed
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed:
+        if self.packed == "panels":
+            return linear_panels(x, self.weight, self.out_features, bias)
+        if self.packed == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, bias, "none",
                                                       [], "")
         return F.linear(x, self.weight, bias)
 
 
-def _available() -> bool:
+def pack_panels(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """[n, k] -> [ceil(n / width), k, width]: panel p is rows p*width.. of W, transposed,
+    zero-padded past n."""
+    n, k = weight.shape
+    panels = -(-n // width)
+    padded = torch.zeros(panels * width, k, dtype=weight.dtype)
+    padded[:n] = weight
+    return padded.view(panels, width, k).transpose(1, 2).contiguous()
+
+
+def linear_panels(x: torch.Tensor, packed: torch.Tensor, n: int,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    k = packed.shape[1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    gemm_library().linear_f32(x2.data_ptr(), x2.shape[0], x2.stride(0), packed.data_ptr(), n, k,
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), n,
+                              torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+def _onednn_available() -> bool:
     return (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
