@@ -76,7 +76,9 @@ class CacheConfig:
 class SchedulerConfig:
     scheduling_policy: str = "continuous"  # continuous | static
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    # Tokens per step; None: 512 on CPU, 2048 on GPU (bench/batched_tokens.py: on CPU, larger
+    # budgets gain no throughput and stall every running stream for seconds per step).
+    max_num_batched_tokens: int | None = None
     # Requests waiting beyond this are refused (RESOURCE_EXHAUSTED) instead of queued.
     max_waiting_requests: int = 1024
 
@@ -129,7 +131,8 @@ class EngineConfig:
             (s.scheduling_policy in ("continuous", "static"),
              "scheduler.scheduling_policy must be continuous or static"),
             (s.max_num_seqs >= 1, "scheduler.max_num_seqs must be >= 1"),
-            (s.max_num_batched_tokens >= 1, "scheduler.max_num_batched_tokens must be >= 1"),
+            (s.max_num_batched_tokens is None or s.max_num_batched_tokens >= 1,
+             "scheduler.max_num_batched_tokens must be >= 1"),
             (s.max_waiting_requests >= 0, "scheduler.max_waiting_requests must be >= 0"),
             (self.max_model_len is None or self.max_model_len >= 2,
              "max_model_len must be >= 2"),

@@ -77,7 +77,9 @@ class Engine:
         if config.parallel.pipeline_parallel_size > 1:
             self.num_lanes = (config.parallel.micro_batches
                               or config.parallel.pipeline_parallel_size)
-        self.scheduler = Scheduler(self.kv, s.max_num_seqs, s.max_num_batched_tokens,
+        self.max_num_batched_tokens = s.max_num_batched_tokens or default_batched_tokens(
+            self.executor.describe()["shards"][0]["device"])
+        self.scheduler = Scheduler(self.kv, s.max_num_seqs, self.max_num_batched_tokens,
                                    s.scheduling_policy, self.num_lanes)
         self._in_flight: dict[int, tuple[object, list[ScheduledSequence]]] = {}
         self._step_ids = itertools.count()
@@ -439,3 +441,10 @@ def fail_sequence(seq: Sequence, message: str, code: str) -> RequestOutput:
     seq.status = SequenceStatus.FINISHED
     seq.finish_reason = "error"
     return output_of(seq, [], [], "", message, code)
+
+
+def default_batched_tokens(device: str) -> int:
+    """The scheduler's default token budget per step. On CPU a step's time grows with its
+    tokens while throughput stays level past ~256 (bench/README.md), so 512 keeps the longest
+    stall a stream sees near a second; a GPU runs 2048 tokens in one step's time."""
+    return 512 if device == "cpu" else 2048

@@ -32,6 +32,7 @@ class CompletionResult:
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
     num_preemptions: int = 0
+    time_to_first_token_s: float | None = None  # from submission to the first generated token
 
 
 class LLM:
@@ -86,7 +87,9 @@ class LLM:
                         out.request_id, out.prompt_token_ids, out.text, out.token_ids,
                         out.finish_reason,
                         logprobs[out.request_id] if out.logprobs is not None else None,
-                        out.num_preemptions)
+                        out.num_preemptions,
+                        None if out.first_token_time is None
+                        else out.first_token_time - out.arrival_time)
         return [results[i] for i in ids]
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],

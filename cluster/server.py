@@ -186,7 +186,7 @@ class GenerationServicer:
             replicas=c.parallel.replicas, sequence_parallel=c.parallel.sequence_parallel,
             kv_block_size=engine.kv.block_size, kv_num_blocks=engine.kv.num_blocks,
             max_num_seqs=c.scheduler.max_num_seqs,
-            max_num_batched_tokens=c.scheduler.max_num_batched_tokens,
+            max_num_batched_tokens=engine.max_num_batched_tokens,
             max_waiting_requests=c.scheduler.max_waiting_requests,
             scheduling_policy=c.scheduler.scheduling_policy, shards=shards,
             eos_token_ids=sorted(engine.eos_token_ids), replica_states=replicas)

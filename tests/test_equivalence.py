@@ -14,6 +14,8 @@ def run(model_dir, prompts, max_tokens, **options):
                                      for n in max_tokens])
     kv = llm.engine.kv
     assert kv.num_free_blocks == kv.num_blocks, "blocks leaked after the run"
+    for r in results:  # every request produced a token, after it was submitted
+        assert r.time_to_first_token_s is not None and r.time_to_first_token_s >= 0
     return llm, results
 
 
