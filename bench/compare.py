@@ -15,7 +15,10 @@ equal transformers' (its padded batch, or where padding flips a near-tied choice
 one prompt at a time). Then batch-1 latency: ms to prefill a 256-token prompt and ms per
 decoded token after it, for the two engines and for llama.cpp (`--systems ...,llama.cpp`:
 llama-cpp-python built from source in .venv-llamacpp, 6-12 minutes once, and SmolLM2
-converted to an F32 GGUF by llama.cpp's bundled converter; batch 1 only).
+converted to an F32 GGUF by llama.cpp's bundled converter; batch 1 only). Two more shardserve
+rows on request: `shardserve-onednn` (float32 linears through oneDNN's packed GEMM instead of
+workers/kernels/gemm.c) and `shardserve-bfloat16` (bf16 weights, what `dtype: auto` picks on a
+CPU with bf16 instructions).
 """
 
 from __future__ import annotations
@@ -99,11 +102,11 @@ def f32_gguf(model_dir: Path, python: Path, source: Path) -> Path:
     return target
 
 
-def run_isolated(cmd: list[str]) -> dict:
+def run_isolated(cmd: list[str], env: dict | None = None) -> dict:
     """Run cmd in a loopback-only network namespace; its whole-process figures."""
     start = time.perf_counter()
     proc = subprocess.Popen(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"',
-                             "sh", *cmd])
+                             "sh", *cmd], env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
@@ -114,9 +117,15 @@ def run_isolated(cmd: list[str]) -> dict:
             "peak_rss_gib": usage.ru_maxrss / 2 ** 20}
 
 
+# shardserve variants beside the default row: (systems.py options, extra environment)
+VARIANTS = {"shardserve-onednn": ([], {"SHARDSERVE_GEMM": "onednn"}),
+            "shardserve-bfloat16": (["--dtype", "bfloat16"], {})}
+
+
 def run_system(system: str, args, model_dir: Path, out: Path,
                kv_cache_dtype: str = "auto") -> dict:
     common = ["--out", str(out), "--num-requests", str(args.num_requests)]
+    env = None
     if system == "llama.cpp":
         python, source = ensure_llamacpp_venv()
         cmd = [str(python), str(REPO / "bench" / "run_llamacpp.py"), "--gguf",
@@ -125,13 +134,18 @@ def run_system(system: str, args, model_dir: Path, out: Path,
         cmd = [str(ensure_vllm_venv()), str(REPO / "bench" / "run_vllm.py"), "--model-dir",
                str(model_dir), "--kv-cache-gib", str(args.kv_cache_gib), *common]
     else:
-        cmd = [sys.executable, str(REPO / "bench" / "systems.py"), system,
-               "--kv-cache-memory", f"{args.kv_cache_gib}GiB", *common]
+        options, extra_env = VARIANTS.get(system, ([], {}))
+        cmd = [sys.executable, str(REPO / "bench" / "systems.py"),
+               "shardserve" if system in VARIANTS else system,
+               "--kv-cache-memory", f"{args.kv_cache_gib}GiB", *common, *options]
         if system.startswith("shardserve"):
             cmd += ["--kv-cache-dtype", kv_cache_dtype]
+        env = {**os.environ, **extra_env}
     print(f"running {system} ...", flush=True)
-    figures = run_isolated(cmd)
-    return {**json.loads(out.read_text()), **figures}
+    result = {**json.loads(out.read_text()), **run_isolated(cmd, env)}
+    if system in VARIANTS:
+        result["system"] = system
+    return result
 
 
 def unpadded_reference(rows: list[dict], num_requests: int, model_dir: Path) -> dict:

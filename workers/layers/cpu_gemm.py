@@ -10,6 +10,8 @@ every call. bench/README.md has the measurements behind this choice.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,14 +71,19 @@ def pack_panels(weight: torch.Tensor, width: int) -> torch.Tensor:
 def linear_panels(x: torch.Tensor, packed: torch.Tensor, n: int,
                   bias: torch.Tensor | None) -> torch.Tensor:
     k = packed.shape[1]
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(x2.shape[0], n, dtype=x.dtype)
-    gemm_library().linear_f32(x2.data_ptr(), x2.shape[0], x2.stride(0), packed.data_ptr(), n, k,
-                              None if bias is None else bias.data_ptr(), y.data_ptr(), n,
-                              torch.get_num_threads())
-    return y.view(*x.shape[:-1], n)
+    _linear_f32()(x2.data_ptr(), x2.shape[0], x2.stride(0), packed.data_ptr(), n, k,
+                  None if bias is None else bias.data_ptr(), y.data_ptr(), n,
+                  torch.get_num_threads())
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+
+
+@lru_cache(maxsize=1)
+def _linear_f32():
+    return gemm_library().linear_f32
 
 
 def _onednn_available() -> bool:
