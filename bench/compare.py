@@ -142,7 +142,8 @@ def run_system(system: str, args, model_dir: Path, out: Path,
             cmd += ["--kv-cache-dtype", kv_cache_dtype]
         env = {**os.environ, **extra_env}
     print(f"running {system} ...", flush=True)
-    result = {**json.loads(out.read_text()), **run_isolated(cmd, env)}
+    figures = run_isolated(cmd, env)
+    result = {**json.loads(out.read_text()), **figures}
     if system in VARIANTS:
         result["system"] = system
     return result
