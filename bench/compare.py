@@ -16,8 +16,8 @@ one prompt at a time). Then batch-1 latency: ms to prefill a 256-token prompt an
 decoded token after it, for the two engines and for llama.cpp (`--systems ...,llama.cpp`:
 llama-cpp-python built from source in .venv-llamacpp, 6-12 minutes once, and SmolLM2
 converted to an F32 GGUF by llama.cpp's bundled converter; batch 1 only). Two more shardserve
-rows on request: `shardserve-onednn` (float32 linears through oneDNN's packed GEMM instead of
-workers/kernels/gemm.c) and `shardserve-bfloat16` (bf16 weights, what `dtype: auto` picks on a
+rows on request: `shardserve-panels` (float32 linears through workers/kernels/gemm.c instead of
+oneDNN's packed GEMM) and `shardserve-bfloat16` (bf16 weights, what `dtype: auto` picks on a
 CPU with bf16 instructions).
 """
 
@@ -118,7 +118,7 @@ def run_isolated(cmd: list[str], env: dict | None = None) -> dict:
 
 
 # shardserve variants beside the default row: (systems.py options, extra environment)
-VARIANTS = {"shardserve-onednn": ([], {"SHARDSERVE_GEMM": "onednn"}),
+VARIANTS = {"shardserve-panels": ([], {"SHARDSERVE_GEMM": "panels"}),
             "shardserve-bfloat16": (["--dtype", "bfloat16"], {})}
 
 

@@ -129,9 +129,6 @@ def fused_library() -> ctypes.CDLL | None:
 
 
 def gemm_library() -> ctypes.CDLL | None:
-    """SHARDSERVE_GEMM=onednn keeps oneDNN's packed GEMM (for comparisons)."""
-    if os.environ.get("SHARDSERVE_GEMM") == "onednn":
-        return None
     lib = _library("gemm")
     if lib is not None and not lib.linear_f32.argtypes:
         lib.linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]

@@ -1,15 +1,18 @@
 """Linear layers' weights packed once at load time for the CPU's GEMM.
 
-float32 on CPU: our own kernel (workers/kernels/gemm.c) over weights stored as contiguous
-panels of output columns. At decode batch sizes a step streams every weight once, and the
-panels are read in order at the memory's full bandwidth; with many rows the panel stays in
-cache while the rows go by. Otherwise oneDNN's packed layout (bf16 with AVX-512), else the
-weights as they are and `F.linear` (GPU). Packing once saves the repacking `F.linear` does on
-every call. bench/README.md has the measurements behind this choice.
+By default oneDNN's packed layout (`F.linear` would repack the weight on every call). With
+SHARDSERVE_GEMM=panels, float32 weights are instead stored as contiguous panels of output
+columns for our own kernel (workers/kernels/gemm.c): a decode step of a few rows streams each
+panel once at memory bandwidth, ~15% faster per token at batch 1 than oneDNN here, while
+prefill chunks run ~20% slower and throughput ~5% lower (bench/README.md). Only one layout is
+kept (both would double the weights' memory), so the default is the one that does better on
+throughput and prefill; the panels suit a latency-bound single-user CPU server. GPU weights
+stay as they are (`F.linear`).
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
@@ -35,7 +38,8 @@ class PackableLinear(nn.Module):
             return self.packed
         weight = self.weight.detach()
         self.out_features = weight.shape[0]
-        lib = gemm_library() if weight.dtype == torch.float32 else None
+        panels = weight.dtype == torch.float32 and os.environ.get("SHARDSERVE_GEMM") == "panels"
+        lib = gemm_library() if panels else None
         if lib is not None:
             packed, self.packed = pack_panels(weight, lib.gemm_panel_width()), "panels"
         elif _onednn_available():
