@@ -14,7 +14,8 @@
  */
 #include <stdint.h>
 #include <string.h>
-#include <pthread.h>
+
+#include "run_shares.h"
 
 #if defined(__AVX512F__)
 #define VW 16 /* floats per vector */
@@ -148,25 +149,11 @@ void linear_f32(const float *x, int64_t m, int64_t ldx, const float *packed, int
                 int64_t k, const float *bias, float *y, int64_t ldy, int num_threads) {
     const int64_t panels = (n + PANEL - 1) / PANEL;
     if (num_threads < 1) num_threads = 1;
-    if (num_threads > 64) num_threads = 64;
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
     if (num_threads > panels) num_threads = (int)panels;
-    Job jobs[64];
+    Job jobs[MAX_THREADS];
     for (int t = 0; t < num_threads; t++)
         jobs[t] = (Job){x, packed, bias, y, m, ldx, n, k, ldy, panels * t / num_threads,
                         panels * (t + 1) / num_threads};
-#ifdef _OPENMP
-    /* Torch's own OpenMP worker threads run the shares (see paged_attention.c). */
-#pragma omp parallel for num_threads(num_threads) schedule(static, 1)
-    for (int t = 0; t < num_threads; t++) worker(&jobs[t]);
-#else
-    pthread_t threads[64];
-    int started = 0;
-    for (int t = 1; t < num_threads; t++) {
-        if (pthread_create(&threads[t], NULL, worker, &jobs[t]) != 0) break;
-        started = t;
-    }
-    worker(&jobs[0]);
-    for (int t = started + 1; t < num_threads; t++) worker(&jobs[t]);
-    for (int t = 1; t <= started; t++) pthread_join(threads[t], NULL);
-#endif
+    run_shares(worker, jobs, sizeof(Job), num_threads);
 }

@@ -22,7 +22,6 @@
  * or quarters the bytes read, which bound this kernel.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef __F16C__
@@ -33,6 +32,7 @@
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 256
 
+#include "run_shares.h"
 #include "vector_math.h"
 
 typedef struct {
@@ -311,11 +311,11 @@ int paged_decode_attention(void *out, const void *q, int64_t q_stride, const voi
     }
     const int64_t items = num_seqs * num_kv_heads;
     if (num_threads < 1) num_threads = 1;
-    if (num_threads > 64) num_threads = 64;
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
     if (num_threads > items) num_threads = (int)items;
-    int64_t bounds[65];
+    int64_t bounds[MAX_THREADS + 1];
     balance(context_lens, num_kv_heads, window, items, num_threads, bounds);
-    job_t jobs[64];
+    job_t jobs[MAX_THREADS];
     for (int t = 0; t < num_threads; t++) {
         job_t jb = {out, q, k_cache, v_cache, k_scales, v_scales, block_tables, context_lens,
                     kv_of_q, num_q_heads, num_kv_heads, num_blocks, block_size, head_dim,
@@ -323,22 +323,6 @@ int paged_decode_attention(void *out, const void *q, int64_t q_stride, const voi
                     bounds[t + 1]};
         jobs[t] = jb;
     }
-#ifdef _OPENMP
-    /* Built against the OpenMP runtime torch has loaded: its worker threads run the shares,
-     * instead of spinning (as OpenMP threads do between parallel regions) beside ours. */
-#pragma omp parallel for num_threads(num_threads) schedule(static, 1)
-    for (int t = 0; t < num_threads; t++) worker(&jobs[t]);
-#else
-    pthread_t threads[64];
-    int started = 0;
-    for (int t = 1; t < num_threads; t++) {
-        if (pthread_create(&threads[t], NULL, worker, &jobs[t]) != 0) break;
-        started = t;
-    }
-    worker(&jobs[0]);
-    /* Shares of threads that could not be started are done here. */
-    for (int t = started + 1; t < num_threads; t++) worker(&jobs[t]);
-    for (int t = 1; t <= started; t++) pthread_join(threads[t], NULL);
-#endif
+    run_shares(worker, jobs, sizeof(job_t), num_threads);
     return 0;
 }
