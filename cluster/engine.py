@@ -65,9 +65,9 @@ class Engine:
         num_blocks = min(num_blocks, useful)
         self.executor.allocate_kv(num_blocks, cache.block_size)
         self.kv = KVCacheManager(num_blocks, cache.block_size)
+        first_shard = self.executor.describe()["shards"][0]
         log.info("KV cache: %d blocks of %d tokens (%d tokens), stored as %s", num_blocks,
-                 cache.block_size, self.kv.capacity_tokens,
-                 self.executor.describe()["shards"][0]["kv_cache_dtype"])
+                 cache.block_size, self.kv.capacity_tokens, first_shard["kv_cache_dtype"])
         if self.kv.capacity_tokens < self.max_model_len:
             log.warning("the KV cache holds %d tokens, fewer than max_model_len (%d): longer "
                         "requests are refused", self.kv.capacity_tokens, self.max_model_len)
@@ -77,8 +77,8 @@ class Engine:
         if config.parallel.pipeline_parallel_size > 1:
             self.num_lanes = (config.parallel.micro_batches
                               or config.parallel.pipeline_parallel_size)
-        self.max_num_batched_tokens = s.max_num_batched_tokens or default_batched_tokens(
-            self.executor.describe()["shards"][0]["device"])
+        self.max_num_batched_tokens = (s.max_num_batched_tokens
+                                       or default_batched_tokens(first_shard["device"]))
         self.scheduler = Scheduler(self.kv, s.max_num_seqs, self.max_num_batched_tokens,
                                    s.scheduling_policy, self.num_lanes)
         self._in_flight: dict[int, tuple[object, list[ScheduledSequence]]] = {}
