@@ -44,8 +44,9 @@ def test_chunked_prefill_and_small_token_budget(tiny_model):
     prompts, max_tokens = mixed_prompts()
     expected = hf_greedy(model_dir, prompts, max_tokens)
     # 24 tokens a step: the 80-token prompt is computed in four chunks, beside decodes.
-    _, results = run(model_dir, prompts, max_tokens, max_num_batched_tokens=24, block_size=4)
+    llm, results = run(model_dir, prompts, max_tokens, max_num_batched_tokens=24, block_size=4)
     assert [r.token_ids for r in results] == expected
+    assert llm.engine.scheduler.max_num_batched_tokens == 24  # a set budget beats the default
 
 
 def test_static_batching_gives_the_same_tokens(tiny_model):
