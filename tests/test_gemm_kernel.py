@@ -63,3 +63,27 @@ def test_layers_pack_and_match_f_linear(width, gemm, monkeypatch):
     if gemm == "panels":
         assert layer.weight.shape == (-(-200 // width), 64, width)
     torch.testing.assert_close(layer.matmul(x, None), before, rtol=1e-5, atol=1e-5)
+
+
+def quantize_rows(w):
+    """Symmetric int8 per output row: the layout and scales the int8 weight-only path uses."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-30) / 127
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 64])
+@pytest.mark.parametrize("n, k", [(960, 576), (576, 1536), (33, 20), (100, 1203)])
+def test_int8_panels_match_float64_of_dequantized_weights(width, rows, n, k):
+    """int8 weights widened in registers and scaled per column give what float64 gives for
+    the dequantized weights, within the float32 bound (the scale is one more rounding)."""
+    torch.manual_seed(rows + n + k)
+    x, w = torch.randn(rows, k), torch.randn(n, k)
+    q, scale = quantize_rows(w)
+    bias = torch.randn(n) if rows % 2 else None
+    y = linear_panels(x, pack_panels(q, width), n, bias, scale)
+    dequantized = q.double() * scale.double()[:, None]
+    ref = x.double() @ dequantized.T
+    bound = (k + 1) * 2 ** -24 * (x.double().abs() @ dequantized.abs().T) + 1e-30
+    if bias is not None:
+        ref, bound = ref + bias.double(), bound + 2 ** -24 * bias.double().abs()
+    assert ((y.double() - ref).abs() <= bound).all(), float(((y.double() - ref).abs() / bound).max())

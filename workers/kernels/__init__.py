@@ -130,8 +130,9 @@ def fused_library() -> ctypes.CDLL | None:
 
 def gemm_library() -> ctypes.CDLL | None:
     lib = _library("gemm")
-    if lib is not None and not lib.linear_f32.argtypes:
-        lib.linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
-        lib.linear_f32.restype = None
+    if lib is not None and not lib.linear_panels.argtypes:
+        lib.linear_panels.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, i64, i64, ptr, ptr,
+                                      i64, ctypes.c_int]
+        lib.linear_panels.restype = None
         lib.gemm_panel_width.restype = i64
     return lib

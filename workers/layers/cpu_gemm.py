@@ -72,22 +72,27 @@ def pack_panels(weight: torch.Tensor, width: int) -> torch.Tensor:
     return padded.view(panels, width, k).transpose(1, 2).contiguous()
 
 
-def linear_panels(x: torch.Tensor, packed: torch.Tensor, n: int,
-                  bias: torch.Tensor | None) -> torch.Tensor:
+def linear_panels(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., k] float32 times packed panels of float32, or of int8 with `scale` (float32, one
+    per output column)."""
     k = packed.shape[1]
+    int8 = packed.dtype == torch.int8
+    assert int8 == (scale is not None), "int8 panels come with their scales, float32 without"
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(x2.shape[0], n, dtype=x.dtype)
-    _linear_f32()(x2.data_ptr(), x2.shape[0], x2.stride(0), packed.data_ptr(), n, k,
-                  None if bias is None else bias.data_ptr(), y.data_ptr(), n,
-                  torch.get_num_threads())
+    _linear_panels()(x2.data_ptr(), x2.shape[0], x2.stride(0), packed.data_ptr(), int(int8),
+                     None if scale is None else scale.data_ptr(), n, k,
+                     None if bias is None else bias.data_ptr(), y.data_ptr(), n,
+                     torch.get_num_threads())
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
 @lru_cache(maxsize=1)
-def _linear_f32():
-    return gemm_library().linear_f32
+def _linear_panels():
+    return gemm_library().linear_panels
 
 
 def _onednn_available() -> bool:
