@@ -119,7 +119,8 @@ def run_isolated(cmd: list[str], env: dict | None = None) -> dict:
 
 # shardserve variants beside the default row: (systems.py options, extra environment)
 VARIANTS = {"shardserve-panels": ([], {"SHARDSERVE_GEMM": "panels"}),
-            "shardserve-bfloat16": (["--dtype", "bfloat16"], {})}
+            "shardserve-bfloat16": (["--dtype", "bfloat16"], {}),
+            "shardserve-int8-weight": (["--quantization", "int8-weight"], {})}
 
 
 def run_system(system: str, args, model_dir: Path, out: Path,

@@ -3,6 +3,7 @@
     shardserve serve [--config deploy/cpu-single-node.yaml] [--address auto|HOST:PORT]
     shardserve generate "prompt" [--chat] [--stream] [--max-tokens N] [--target HOST:PORT]
     shardserve plan --model DIR [--dtype float16] [--memory 16GiB] [--seq-len 4096]
+    shardserve quality [--model M] [--quantization int8-weight] [--text FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quality(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .quality import report, run
+
+    text = Path(args.text)
+    base, quantized = run(args.model, args.quantization, text, args.window, args.dtype)
+    print(report(base, quantized, text))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses
     import signal
@@ -50,6 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server_config = dataclasses.replace(server_config, **overrides)
     if args.model:
         engine_config = engine_config.with_overrides(model=args.model)
+    if args.quantization:
+        engine_config = engine_config.with_overrides(quantization=args.quantization)
 
     import ray
 
@@ -69,7 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
              if info["metrics_port"] else ""), flush=True)
     kv_reason = ("auto: the model's dtype, token-exact" if engine_config.kv_cache_dtype == "auto"
                  else "as configured")
-    print(f"model dtype {info['dtype']} ({info['dtype_reason']}); KV cache "
+    weights = (f"weights {info['weight_bytes'] / 2 ** 20:.0f} MiB"
+               + ("" if info["quantization"] == "none" else f" ({info['quantization']})"))
+    print(f"model dtype {info['dtype']} ({info['dtype_reason']}), {weights}; KV cache "
           f"{info['kv_cache_dtype']} ({kv_reason}), {info['kv_cache_tokens']} tokens; "
           f"{info['threads']} CPU threads per shard", flush=True)
     print(f"try: shardserve generate --target {host}:{info['grpc_port']} \"Hello\"",
@@ -139,10 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="Ray cluster to join: auto (this node's) or HOST:PORT; "
                                          "default: start a local one")
     serve.add_argument("--model", help="override the config's model")
+    serve.add_argument("--quantization", choices=("none", "int8-weight"),
+                       help="override the config's quantization (int8-weight: int8 weights, "
+                            "a quarter of float32's bytes)")
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="gRPC port (default 50051)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 9400)")
     serve.set_defaults(func=cmd_serve)
+
+    quality = sub.add_parser("quality", help="perplexity of the model, and with a quantization, "
+                                             "on a fixed English text")
+    quality.add_argument("--model", default="smollm2")
+    quality.add_argument("--quantization", default="none", choices=("none", "int8-weight"))
+    quality.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    quality.add_argument("--text", default="/usr/share/common-licenses/GPL-3",
+                         help="plain-text file to score (default: Debian's GPL-3)")
+    quality.add_argument("--window", type=int, default=512, help="tokens per scored window")
+    quality.set_defaults(func=cmd_quality)
 
     gen = sub.add_parser("generate", help="send a prompt to a running server")
     gen.add_argument("prompt")

@@ -91,6 +91,9 @@ class EngineConfig:
     # bfloat16 or float16 (half the memory and traffic), int8 (about a quarter of float32's,
     # a scale per cached vector); the last three within a stated tolerance.
     kv_cache_dtype: str = "auto"
+    # none, or int8-weight: int8 weights with a scale per output channel (a quarter of
+    # float32's bytes), activations unchanged; within a stated tolerance (README).
+    quantization: str = "none"
     device: str = "auto"
     # Longest prompt + output; None: the model's max_position_embeddings.
     max_model_len: int | None = None
@@ -140,6 +143,8 @@ class EngineConfig:
              "dtype must be auto, float32, bfloat16 or float16"),
             (self.kv_cache_dtype in ("auto", "float32", "bfloat16", "float16", "int8"),
              "kv_cache_dtype must be auto, float32, bfloat16, float16 or int8"),
+            (self.quantization in ("none", "int8-weight"),
+             f"quantization must be none or int8-weight, got {self.quantization!r}"),
         ]
         for ok, message in checks:
             if not ok:

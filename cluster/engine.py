@@ -102,7 +102,8 @@ class Engine:
                              "pass a RayExecutor (LLM does this for you)")
         c = self.config
         return LocalExecutor(ShardSpec(model=c.model, dtype=c.dtype,
-                                       kv_cache_dtype=c.kv_cache_dtype, device=c.device,
+                                       kv_cache_dtype=c.kv_cache_dtype,
+                                       quantization=c.quantization, device=c.device,
                                        num_threads=c.num_threads, seed=c.seed))
 
     def _eos_token_ids(self) -> set[int]:

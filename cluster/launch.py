@@ -164,6 +164,7 @@ class RayExecutor:
                     1, int(nodes[node]["Resources"].get("CPU", 1)) // shards_per_node[node])
                 spec = ShardSpec(model=self.config.model, dtype=self.config.dtype,
                                  kv_cache_dtype=self.config.kv_cache_dtype,
+                                 quantization=self.config.quantization,
                                  device=self.config.device, tp_rank=r, tp_size=tp, pp_rank=s,
                                  pp_size=pp, layer_range=self.layers[s],
                                  sequence_parallel=p.sequence_parallel, num_threads=threads,

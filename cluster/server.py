@@ -178,6 +178,8 @@ class GenerationServicer:
         return pb.ModelInfoResponse(
             model=self.model_name, architecture=shape.architecture,
             dtype=first_shard["dtype"], kv_cache_dtype=first_shard["kv_cache_dtype"],
+            quantization=first_shard["quantization"],
+            weight_bytes=sum(s["weight_bytes"] for s in engine.executor.describe()["shards"]),
             vocab_size=shape.vocab_size,
             max_model_len=engine.max_model_len, num_layers=shape.num_layers,
             num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,

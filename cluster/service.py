@@ -29,6 +29,8 @@ class Listening:
     dtype: str
     dtype_reason: str
     kv_cache_dtype: str
+    quantization: str
+    weight_bytes: int  # summed over one replica's shards
     kv_cache_tokens: int
     threads: int
 
@@ -56,9 +58,11 @@ class ServerActor:
         if c.metrics_port is not None:
             metrics_port = self.router.metrics.serve(c.host, c.metrics_port)
         self._health_task = asyncio.create_task(self._watch_health(reporter))
-        shard = self.router.engine.executor.describe()["shards"][0]
+        shards = self.router.engine.executor.describe()["shards"]
+        shard = shards[0]
         listening = Listening(port, metrics_port, c.host, ray.util.get_node_ip_address(),
                               shard["dtype"], shard["dtype_reason"], shard["kv_cache_dtype"],
+                              shard["quantization"], sum(s["weight_bytes"] for s in shards),
                               self.router.engine.kv.capacity_tokens, shard["threads"])
         log.info("serving %s on %s:%d", self.engine_config.model, c.host, port)
         return asdict(listening)

@@ -266,6 +266,7 @@ def test_model_info_tokenize_and_reflection(server):
     assert model.tensor_parallel_size == 2 and len(model.shards) == 2
     assert model.max_model_len == 256 and model.kv_num_blocks == 128
     assert model.max_num_batched_tokens == 512  # unset: the CPU default the scheduler uses
+    assert model.quantization == "none" and model.weight_bytes > 0
     tokens = client.tokenize("w5 w6 w7", add_special_tokens=False)
     assert list(tokens.token_ids) == [5, 6, 7] and list(tokens.tokens) == ["w5", "w6", "w7"]
     stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)

@@ -17,13 +17,14 @@ import torch.distributed as dist
 
 from .layers.attention import LayerKVCache, Workspace, build_metadata
 from .layers.cpu_gemm import PackableLinear
+from .layers.quantize import quantize_linears
 from .layers.sampler import sample
 from .loader import CheckpointReader, resolve_model
 from .memory import host_memory, human_bytes
 from .models import ModelShape, model_shape
 from .models.llama import LlamaForCausalLM
 from .parallel import ParallelContext
-from .step import StepPlan, StepResult
+from .step import SamplingParams, SequenceStep, StepPlan, StepResult
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,6 +36,7 @@ class ShardSpec:
     model: str
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # auto: the model's dtype
+    quantization: str = "none"  # workers/layers/quantize.py
     device: str = "auto"  # auto: cuda when this process sees a GPU, else cpu
     tp_rank: int = 0
     tp_size: int = 1
@@ -169,6 +171,7 @@ class Shard:
                                           self.dtype, self.device)
         self.model.load(CheckpointReader(model_dir))
         self.model.eval()
+        quantize_linears(self.model, spec.quantization, self.ctx)
         for module in self.model.modules():
             if isinstance(module, PackableLinear):
                 module.pack_for_cpu()
@@ -252,13 +255,8 @@ class Shard:
             self.busy_seconds += time.perf_counter() - start
             self.steps += 1
 
-    @torch.inference_mode()
-    def _execute(self, plan: StepPlan, hidden: torch.Tensor | None):
-        # Decodes first, longest first: the attention batches them together, in groups of
-        # similar length. Every shard orders the same way, so hidden-state rows line up
-        # between pipeline stages.
-        seqs = sorted(plan.seqs, key=lambda s: (len(s.token_ids) != 1,
-                                                -s.context_length if len(s.token_ids) == 1 else 0))
+    def _forward(self, seqs: list[SequenceStep], hidden: torch.Tensor | None) -> torch.Tensor:
+        """This shard's layers over the sequences' tokens, in the order given."""
         token_ids = [t for s in seqs for t in s.token_ids]
         positions = [p for s in seqs for p in range(s.start_position, s.context_length)]
         meta = build_metadata(seqs, self.block_size, self.shape.sliding_window,
@@ -267,8 +265,17 @@ class Shard:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         if hidden is not None:
             hidden = hidden.to(self.device)
-        out = self.model(ids if self.ctx.is_first_stage else None, hidden, pos, self.kv_caches,
-                         meta)
+        return self.model(ids if self.ctx.is_first_stage else None, hidden, pos, self.kv_caches,
+                          meta)
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan, hidden: torch.Tensor | None):
+        # Decodes first, longest first: the attention batches them together, in groups of
+        # similar length. Every shard orders the same way, so hidden-state rows line up
+        # between pipeline stages.
+        seqs = sorted(plan.seqs, key=lambda s: (len(s.token_ids) != 1,
+                                                -s.context_length if len(s.token_ids) == 1 else 0))
+        out = self._forward(seqs, hidden)
         if not self.ctx.is_last_stage:
             if self.ctx.tp_rank != 0:
                 return None
@@ -286,6 +293,23 @@ class Shard:
             return None
         return StepResult(plan.step_id, sample(logits, to_sample))
 
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> list[float]:
+        """Natural-log probability of each token after the first, given those before it: one
+        prefill of the whole list from the start of the KV cache (for `shardserve quality`;
+        a single shard that serves nothing else meanwhile)."""
+        assert self.ctx.tp_size == 1 and self.ctx.pp_size == 1, "scoring runs on one shard"
+        blocks = -(-len(token_ids) // self.block_size)
+        if not self.kv_caches or blocks > self.kv_caches[0].keys.shape[1]:
+            raise ValueError(f"{len(token_ids)} tokens need {blocks} KV blocks; allocate them "
+                             "first (allocate_kv)")
+        seq = SequenceStep(0, list(token_ids), 0, list(range(blocks)), False, SamplingParams(),
+                           0, 0)
+        out = self._forward([seq], None)
+        logprobs = torch.log_softmax(self.model.compute_logits(out[:-1]), dim=-1)
+        targets = torch.tensor(token_ids[1:], device=logprobs.device)[:, None]
+        return logprobs.gather(1, targets).squeeze(1).tolist()
+
     def stats(self) -> dict:
         return {"busy_seconds": self.busy_seconds, "steps": self.steps}
 
@@ -298,6 +322,7 @@ class Shard:
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "dtype_reason": self.dtype_reason,
                 "kv_cache_dtype": str(self.kv_cache_dtype).replace("torch.", ""),
+                "quantization": self.spec.quantization, "weight_bytes": self.weights_bytes(),
                 "memory_domain": f"{node}:{domain}",
                 "layers": list(self.model.layer_range), "tp_rank": self.spec.tp_rank,
                 "pp_rank": self.spec.pp_rank, "threads": torch.get_num_threads()}

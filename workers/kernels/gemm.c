@@ -19,6 +19,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "run_shares.h"
 
@@ -36,6 +39,7 @@
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
 typedef int8_t vq __attribute__((vector_size(VW), aligned(1)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 enum { WEIGHTS_F32 = 0, WEIGHTS_I8 = 1 }; /* the element type of the packed weights */
 
@@ -48,7 +52,18 @@ int64_t gemm_panel_width(void) { return PANEL; }
 
 static inline __attribute__((always_inline)) vf load_weights(const int wtype,
                                                             const void *panel, int64_t at) {
-    if (wtype == WEIGHTS_I8) return __builtin_convertvector(*(const vq *)((const int8_t *)panel + at), vf);
+    if (wtype == WEIGHTS_I8) {
+        const int8_t *q = (const int8_t *)panel + at;
+        /* Sign extension by intrinsic: GCC 12 widens a generic int8 vector byte by byte. */
+#if defined(__AVX512F__)
+        const vi wide = (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q));
+#elif defined(__AVX2__)
+        const vi wide = (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
+#else
+        const vi wide = __builtin_convertvector(*(const vq *)q, vi);
+#endif
+        return __builtin_convertvector(wide, vf);
+    }
     return *(const vfu *)((const float *)panel + at);
 }
 

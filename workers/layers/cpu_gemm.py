@@ -8,6 +8,9 @@ prefill chunks run ~20% slower and throughput ~5% lower (bench/README.md). Only 
 kept (both would double the weights' memory), so the default is the one that does better on
 throughput and prefill; the panels suit a latency-bound single-user CPU server. GPU weights
 stay as they are (`F.linear`).
+
+int8 weights (quantization `int8-weight`, workers/layers/quantize.py) always take the panels
+on CPU: gemm.c widens them in registers, so they stream at a quarter of float32's bytes.
 """
 
 from __future__ import annotations
@@ -32,16 +35,27 @@ class PackableLinear(nn.Module):
     bias: nn.Parameter | None
     packed: str | None = None  # "panels" (gemm.c) or "onednn"
     out_features = 0
+    weight_scale: nn.Parameter | None = None  # int8 weights: float32, one per output row
+
+    def set_int8_weight(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Hold int8 weights q [out, in] with weight ~= q * scale[:, None] from now on."""
+        assert not self.packed, "quantize before packing"
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
 
     def pack_for_cpu(self) -> str | None:
         if self.packed or self.weight.device.type != "cpu":
             return self.packed
         weight = self.weight.detach()
         self.out_features = weight.shape[0]
-        panels = weight.dtype == torch.float32 and os.environ.get("SHARDSERVE_GEMM") == "panels"
+        int8 = weight.dtype == torch.int8
+        panels = int8 or (weight.dtype == torch.float32
+                          and os.environ.get("SHARDSERVE_GEMM") == "panels")
         lib = gemm_library() if panels else None
         if lib is not None:
             packed, self.packed = pack_panels(weight, lib.gemm_panel_width()), "panels"
+        elif int8:  # no C compiler: matmul dequantizes on each call
+            return None
         elif _onednn_available():
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT)
@@ -54,8 +68,17 @@ class PackableLinear(nn.Module):
         return self.packed
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        scale = self.weight_scale
         if self.packed == "panels":
-            return linear_panels(x, self.weight, self.out_features, bias)
+            if scale is None:
+                return linear_panels(x, self.weight, self.out_features, bias)
+            # gemm.c sums int8 weights against float32 activations (bf16 models convert).
+            y = linear_panels(x.float(), self.weight, self.out_features,
+                              None if bias is None else bias.float(), scale)
+            return y.to(x.dtype)
+        if scale is not None:  # int8 weights without gemm.c (a GPU, or no C compiler)
+            y = F.linear(x, self.weight.to(x.dtype)) * scale.to(x.dtype)
+            return y if bias is None else y + bias
         if self.packed == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, bias, "none",
                                                       [], "")
