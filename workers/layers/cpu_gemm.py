@@ -35,7 +35,11 @@ class PackableLinear(nn.Module):
     bias: nn.Parameter | None
     packed: str | None = None  # "panels" (gemm.c) or "onednn"
     out_features = 0
-    weight_scale: nn.Parameter | None = None  # int8 weights: float32, one per output row
+    weight_scale: nn.Parameter | None  # int8 weights: float32, one per output row
+
+    def __init__(self):
+        super().__init__()
+        self.register_parameter("weight_scale", None)
 
     def set_int8_weight(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         """Hold int8 weights q [out, in] with weight ~= q * scale[:, None] from now on."""
