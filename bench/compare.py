@@ -102,11 +102,11 @@ def f32_gguf(model_dir: Path, python: Path, source: Path) -> Path:
     return target
 
 
-def run_isolated(cmd: list[str], env: dict | None = None) -> dict:
+def run_isolated(cmd: list[str]) -> dict:
     """Run cmd in a loopback-only network namespace; its whole-process figures."""
     start = time.perf_counter()
     proc = subprocess.Popen(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"',
-                             "sh", *cmd], env=env)
+                             "sh", *cmd])
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
@@ -117,16 +117,16 @@ def run_isolated(cmd: list[str], env: dict | None = None) -> dict:
             "peak_rss_gib": usage.ru_maxrss / 2 ** 20}
 
 
-# shardserve variants beside the default row: (systems.py options, extra environment)
-VARIANTS = {"shardserve-panels": ([], {"SHARDSERVE_GEMM": "panels"}),
-            "shardserve-bfloat16": (["--dtype", "bfloat16"], {}),
-            "shardserve-int8-weight": (["--quantization", "int8-weight"], {})}
+# shardserve variants beside the default row: their systems.py options
+VARIANTS = {"shardserve-panels": ["--cpu-gemm", "panels"],
+            "shardserve-onednn": ["--cpu-gemm", "onednn"],
+            "shardserve-bfloat16": ["--dtype", "bfloat16"],
+            "shardserve-int8-weight": ["--quantization", "int8-weight"]}
 
 
 def run_system(system: str, args, model_dir: Path, out: Path,
                kv_cache_dtype: str = "auto") -> dict:
     common = ["--out", str(out), "--num-requests", str(args.num_requests)]
-    env = None
     if system == "llama.cpp":
         python, source = ensure_llamacpp_venv()
         cmd = [str(python), str(REPO / "bench" / "run_llamacpp.py"), "--gguf",
@@ -135,15 +135,14 @@ def run_system(system: str, args, model_dir: Path, out: Path,
         cmd = [str(ensure_vllm_venv()), str(REPO / "bench" / "run_vllm.py"), "--model-dir",
                str(model_dir), "--kv-cache-gib", str(args.kv_cache_gib), *common]
     else:
-        options, extra_env = VARIANTS.get(system, ([], {}))
         cmd = [sys.executable, str(REPO / "bench" / "systems.py"),
                "shardserve" if system in VARIANTS else system,
-               "--kv-cache-memory", f"{args.kv_cache_gib}GiB", *common, *options]
+               "--kv-cache-memory", f"{args.kv_cache_gib}GiB", *common,
+               *VARIANTS.get(system, [])]
         if system.startswith("shardserve"):
             cmd += ["--kv-cache-dtype", kv_cache_dtype]
-        env = {**os.environ, **extra_env}
     print(f"running {system} ...", flush=True)
-    figures = run_isolated(cmd, env)
+    figures = run_isolated(cmd)
     result = {**json.loads(out.read_text()), **figures}
     if system in VARIANTS:
         result["system"] = system

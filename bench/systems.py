@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-memory", default="4GiB")
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--quantization", default="none")
+    parser.add_argument("--cpu-gemm", default="auto")
     args = parser.parse_args()
     requests = make_workload(args.num_requests)
     if args.system == "transformers":
@@ -122,7 +123,8 @@ def main() -> None:
         run = run_shardserve(requests, args.dtype, policy,
                              args.batch if policy == "static" else 64,
                              args.max_num_batched_tokens, args.model, args.kv_cache_memory,
-                             kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
+                             kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+                             cpu_gemm=args.cpu_gemm)
         if args.kv_cache_dtype != "auto":
             run.system += f" (KV {args.kv_cache_dtype})"
     Path(args.out).write_text(json.dumps(asdict(run)))

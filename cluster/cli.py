@@ -88,6 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"model dtype {info['dtype']} ({info['dtype_reason']}), {weights}; KV cache "
           f"{info['kv_cache_dtype']} ({kv_reason}), {info['kv_cache_tokens']} tokens; "
           f"{info['threads']} CPU threads per shard", flush=True)
+    if info["cpu_gemm"]:
+        print(f"CPU GEMM: {info['cpu_gemm']} ({info['cpu_gemm_reason']})", flush=True)
     print(f"try: shardserve generate --target {host}:{info['grpc_port']} \"Hello\"",
           flush=True)
 

@@ -94,6 +94,9 @@ class EngineConfig:
     # none, or int8-weight: int8 weights with a scale per output channel (a quarter of
     # float32's bytes), activations unchanged; within a stated tolerance (README).
     quantization: str = "none"
+    # CPU layout of float32 weights: panels (our gemm.c), onednn, or auto (oneDNN on Intel
+    # CPUs, the panels elsewhere: what measured faster on each, bench/README.md).
+    cpu_gemm: str = "auto"
     device: str = "auto"
     # Longest prompt + output; None: the model's max_position_embeddings.
     max_model_len: int | None = None
@@ -143,6 +146,8 @@ class EngineConfig:
              "dtype must be auto, float32, bfloat16 or float16"),
             (self.kv_cache_dtype in ("auto", "float32", "bfloat16", "float16", "int8"),
              "kv_cache_dtype must be auto, float32, bfloat16, float16 or int8"),
+            (self.cpu_gemm in ("auto", "panels", "onednn"),
+             "cpu_gemm must be auto, panels or onednn"),
             (self.quantization in ("none", "int8-weight"),
              f"quantization must be none or int8-weight, got {self.quantization!r}"),
         ]

@@ -103,7 +103,8 @@ class Engine:
         c = self.config
         return LocalExecutor(ShardSpec(model=c.model, dtype=c.dtype,
                                        kv_cache_dtype=c.kv_cache_dtype,
-                                       quantization=c.quantization, device=c.device,
+                                       quantization=c.quantization, cpu_gemm=c.cpu_gemm,
+                                       device=c.device,
                                        num_threads=c.num_threads, seed=c.seed))
 
     def _eos_token_ids(self) -> set[int]:

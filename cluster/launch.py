@@ -165,6 +165,7 @@ class RayExecutor:
                 spec = ShardSpec(model=self.config.model, dtype=self.config.dtype,
                                  kv_cache_dtype=self.config.kv_cache_dtype,
                                  quantization=self.config.quantization,
+                                 cpu_gemm=self.config.cpu_gemm,
                                  device=self.config.device, tp_rank=r, tp_size=tp, pp_rank=s,
                                  pp_size=pp, layer_range=self.layers[s],
                                  sequence_parallel=p.sequence_parallel, num_threads=threads,

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from shardserve.workers.kernels import gemm_library
-from shardserve.workers.layers.cpu_gemm import PackableLinear, linear_panels, pack_panels
+from shardserve.workers.layers.cpu_gemm import (PackableLinear, linear_panels, pack_panels,
+                                                resolve_cpu_gemm)
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +52,25 @@ def test_bias_strided_rows_and_batch_dims(width):
 
 
 @pytest.mark.parametrize("gemm", ["panels", "onednn"])
-def test_layers_pack_and_match_f_linear(width, gemm, monkeypatch):
+def test_layers_pack_and_match_f_linear(width, gemm):
     """A linear layer packed at load time computes what it computed before packing."""
-    monkeypatch.setenv("SHARDSERVE_GEMM", gemm)
     torch.manual_seed(1)
     layer = PackableLinear()
     layer.weight = torch.nn.Parameter(torch.randn(200, 64), requires_grad=False)
     x = torch.randn(4, 64)
     before = F.linear(x, layer.weight)
-    assert layer.pack_for_cpu() == gemm
+    assert layer.pack_for_cpu(gemm) == gemm
     if gemm == "panels":
         assert layer.weight.shape == (-(-200 // width), 64, width)
     torch.testing.assert_close(layer.matmul(x, None), before, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_gemm_auto_picks_a_layout_this_cpu_has_and_names_why():
+    layout, reason = resolve_cpu_gemm("auto")
+    assert layout in ("panels", "onednn") and reason.startswith("auto")
+    assert resolve_cpu_gemm("panels") == ("panels", "as configured")
+    with pytest.raises(ValueError, match="cpu_gemm must be one of auto, panels, onednn"):
+        resolve_cpu_gemm("mkl")
 
 
 def quantize_rows(w):
@@ -87,3 +95,21 @@ def test_int8_panels_match_float64_of_dequantized_weights(width, rows, n, k):
     if bias is not None:
         ref, bound = ref + bias.double(), bound + 2 ** -24 * bias.double().abs()
     assert ((y.double() - ref).abs() <= bound).all(), float(((y.double() - ref).abs() / bound).max())
+
+
+@pytest.mark.parametrize("gemm", ["panels", "onednn"])
+def test_either_layout_gives_transformers_tokens(tiny_model, gemm):
+    """Whichever layout `auto` picks on a machine, the other one stays token-exact too."""
+    from tiny import hf_greedy, mixed_prompts
+
+    from shardserve import LLM, SamplingParams
+
+    model_dir = tiny_model("llama-gqa")
+    prompts, max_tokens = mixed_prompts()
+    llm = LLM(str(model_dir), dtype="float32", cpu_gemm=gemm)
+    shard = llm.engine.executor.shard
+    assert shard.model.layers[0].mlp.gate_up_proj.packed == gemm
+    assert shard.describe()["cpu_gemm"] == gemm
+    results = llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0)
+                                     for n in max_tokens])
+    assert [r.token_ids for r in results] == hf_greedy(model_dir, prompts, max_tokens)

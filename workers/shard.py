@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .layers.attention import LayerKVCache, Workspace, build_metadata
-from .layers.cpu_gemm import PackableLinear
+from .layers.cpu_gemm import PackableLinear, resolve_cpu_gemm
 from .layers.quantize import quantize_linears
 from .layers.sampler import sample
 from .loader import CheckpointReader, resolve_model
@@ -37,6 +37,7 @@ class ShardSpec:
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # auto: the model's dtype
     quantization: str = "none"  # workers/layers/quantize.py
+    cpu_gemm: str = "auto"  # float32 weight layout on CPU (workers/layers/cpu_gemm.py)
     device: str = "auto"  # auto: cuda when this process sees a GPU, else cpu
     tp_rank: int = 0
     tp_size: int = 1
@@ -172,9 +173,11 @@ class Shard:
         self.model.load(CheckpointReader(model_dir))
         self.model.eval()
         quantize_linears(self.model, spec.quantization, self.ctx)
+        self.cpu_gemm, self.cpu_gemm_reason = (resolve_cpu_gemm(spec.cpu_gemm)
+                                               if self.device.type == "cpu" else ("", "GPU"))
         for module in self.model.modules():
             if isinstance(module, PackableLinear):
-                module.pack_for_cpu()
+                module.pack_for_cpu(self.cpu_gemm)
         self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
         self.workspace = Workspace(self.kv_cache_dtype, self.device)
@@ -323,6 +326,7 @@ class Shard:
                 "dtype_reason": self.dtype_reason,
                 "kv_cache_dtype": str(self.kv_cache_dtype).replace("torch.", ""),
                 "quantization": self.spec.quantization, "weight_bytes": self.weights_bytes(),
+                "cpu_gemm": self.cpu_gemm, "cpu_gemm_reason": self.cpu_gemm_reason,
                 "memory_domain": f"{node}:{domain}",
                 "layers": list(self.model.layer_range), "tp_rank": self.spec.tp_rank,
                 "pp_rank": self.spec.pp_rank, "threads": torch.get_num_threads()}

@@ -1,13 +1,15 @@
 """Linear layers' weights packed once at load time for the CPU's GEMM.
 
-By default oneDNN's packed layout (`F.linear` would repack the weight on every call). With
-SHARDSERVE_GEMM=panels, float32 weights are instead stored as contiguous panels of output
-columns for our own kernel (workers/kernels/gemm.c): a decode step of a few rows streams each
-panel once at memory bandwidth, ~15% faster per token at batch 1 than oneDNN here, while
-prefill chunks run ~20% slower and throughput ~5% lower (bench/README.md). Only one layout is
-kept (both would double the weights' memory), so the default is the one that does better on
-throughput and prefill; the panels suit a latency-bound single-user CPU server. GPU weights
-stay as they are (`F.linear`).
+Two layouts, one chosen per shard (`cpu_gemm`; keeping both would double the weights' memory):
+- `panels`: contiguous panels of output columns for our own kernel (workers/kernels/gemm.c):
+  a decode step of a few rows streams each panel once at memory bandwidth; many rows run
+  BLIS-style;
+- `onednn`: oneDNN's packed layout (`F.linear` would repack the weight on every call).
+`auto` picks by what was measured side by side (bench/README.md): on an AMD EPYC (Zen 4/5)
+the panels decode 1.3-1.8x faster at batch 1 and give ~7% more throughput, for ~5% slower
+prefill; on an Intel Xeon (Sapphire Rapids) they decode ~20% faster but oneDNN prefills
+11-25% faster and gives up to 15% more throughput. So auto is oneDNN on Intel CPUs and the
+panels elsewhere. GPU weights stay as they are (`F.linear`).
 
 int8 weights (quantization `int8-weight`, workers/layers/quantize.py) always take the panels
 on CPU: gemm.c widens them in registers, so they stream at a quarter of float32's bytes.
@@ -15,7 +17,6 @@ on CPU: gemm.c widens them in registers, so they stream at a quarter of float32'
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
@@ -47,14 +48,15 @@ class PackableLinear(nn.Module):
         self.weight = nn.Parameter(q, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
 
-    def pack_for_cpu(self) -> str | None:
+    def pack_for_cpu(self, layout: str = "onednn") -> str | None:
+        """Pack the weight for `layout` (panels or onednn, see resolve_cpu_gemm); returns the
+        layout it got, or None where it stays as it is."""
         if self.packed or self.weight.device.type != "cpu":
             return self.packed
         weight = self.weight.detach()
         self.out_features = weight.shape[0]
         int8 = weight.dtype == torch.int8
-        panels = int8 or (weight.dtype == torch.float32
-                          and os.environ.get("SHARDSERVE_GEMM") == "panels")
+        panels = int8 or (weight.dtype == torch.float32 and layout == "panels")
         lib = gemm_library() if panels else None
         if lib is not None:
             packed, self.packed = pack_panels(weight, lib.gemm_panel_width()), "panels"
@@ -87,6 +89,31 @@ class PackableLinear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, bias, "none",
                                                       [], "")
         return F.linear(x, self.weight, bias)
+
+
+CPU_GEMMS = ("auto", "panels", "onednn")
+
+
+def resolve_cpu_gemm(name: str) -> tuple[str, str]:
+    """The float32 weight layout for this CPU and why (for the start message)."""
+    if name not in CPU_GEMMS:
+        raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}; got {name!r}")
+    if name != "auto":
+        return name, "as configured"
+    if _cpu_vendor() == "GenuineIntel" and _onednn_available():
+        return "onednn", "auto: oneDNN on Intel CPUs (faster prefill and throughput measured)"
+    if gemm_library() is None:
+        return "onednn", "auto: gemm.c did not build"
+    return "panels", "auto: gemm.c panels (faster decode and throughput measured off Intel)"
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+    return line.split(":", 1)[-1].strip()
 
 
 def pack_panels(weight: torch.Tensor, width: int) -> torch.Tensor:
