@@ -121,7 +121,9 @@ def run_isolated(cmd: list[str]) -> dict:
 VARIANTS = {"shardserve-panels": ["--cpu-gemm", "panels"],
             "shardserve-onednn": ["--cpu-gemm", "onednn"],
             "shardserve-bfloat16": ["--dtype", "bfloat16"],
-            "shardserve-int8-weight": ["--quantization", "int8-weight"]}
+            "shardserve-int8-weight": ["--quantization", "int8-weight"],
+            "shardserve-w8a8-smoothquant": ["--quantization", "w8a8-smoothquant"],
+            "shardserve-llm-int8": ["--quantization", "llm-int8"]}
 
 
 def run_system(system: str, args, model_dir: Path, out: Path,

@@ -3,13 +3,15 @@
     shardserve serve [--config deploy/cpu-single-node.yaml] [--address auto|HOST:PORT]
     shardserve generate "prompt" [--chat] [--stream] [--max-tokens N] [--target HOST:PORT]
     shardserve plan --model DIR [--dtype float16] [--memory 16GiB] [--seq-len 4096]
-    shardserve quality [--model M] [--quantization int8-weight] [--text FILE]
+    shardserve quality [--model M] [--quantization int8-weight,llm-int8] [--text FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+QUANTIZATIONS = ("none", "int8-weight", "w8a8-smoothquant", "llm-int8")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -43,8 +45,13 @@ def cmd_quality(args: argparse.Namespace) -> int:
     from .quality import report, run
 
     text = Path(args.text)
-    base, quantized = run(args.model, args.quantization, text, args.window, args.dtype)
-    print(report(base, quantized, text))
+    quantizations = args.quantization.split(",")
+    unknown = [q for q in quantizations if q not in QUANTIZATIONS]
+    if unknown:
+        print(f"error: unknown quantization {', '.join(unknown)}; choose from "
+              f"{', '.join(QUANTIZATIONS)}", file=sys.stderr)
+        return 2
+    print(report(run(args.model, quantizations, text, args.window, args.dtype), text))
     return 0
 
 
@@ -157,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="Ray cluster to join: auto (this node's) or HOST:PORT; "
                                          "default: start a local one")
     serve.add_argument("--model", help="override the config's model")
-    serve.add_argument("--quantization", choices=("none", "int8-weight"),
+    serve.add_argument("--quantization", choices=QUANTIZATIONS,
                        help="override the config's quantization (int8-weight: int8 weights, "
                             "a quarter of float32's bytes)")
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
@@ -168,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     quality = sub.add_parser("quality", help="perplexity of the model, and with a quantization, "
                                              "on a fixed English text")
     quality.add_argument("--model", default="smollm2")
-    quality.add_argument("--quantization", default="none", choices=("none", "int8-weight"))
+    quality.add_argument("--quantization", default="none",
+                         help=f"one or several, comma-separated: {', '.join(QUANTIZATIONS)}")
     quality.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     quality.add_argument("--text", default="/usr/share/common-licenses/GPL-3",
                          help="plain-text file to score (default: Debian's GPL-3)")

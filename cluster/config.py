@@ -91,9 +91,17 @@ class EngineConfig:
     # bfloat16 or float16 (half the memory and traffic), int8 (about a quarter of float32's,
     # a scale per cached vector); the last three within a stated tolerance.
     kv_cache_dtype: str = "auto"
-    # none, or int8-weight: int8 weights with a scale per output channel (a quarter of
-    # float32's bytes), activations unchanged; within a stated tolerance (README).
+    # none; int8-weight: int8 weights with a scale per output channel (a quarter of
+    # float32's bytes), activations unchanged; w8a8-smoothquant: the weights of a smoothed
+    # checkpoint as int8 and each token's activations quantized to int8, int8 x int8 GEMMs;
+    # llm-int8: int8 x int8 too, but the outlier features (llm_int8_threshold) in float32.
+    # Within a stated tolerance (README).
     quantization: str = "none"
+    # w8a8-smoothquant's migration strength: 0 keeps the activations' range, 1 moves all of it
+    # into the weights.
+    smoothquant_alpha: float = 0.5
+    # llm-int8: input features with any |x| above this are multiplied in float32.
+    llm_int8_threshold: float = 6.0
     # CPU layout of float32 weights: panels (our gemm.c), onednn, or auto (oneDNN on Intel
     # CPUs, the panels elsewhere: what measured faster on each, bench/README.md).
     cpu_gemm: str = "auto"
@@ -148,8 +156,11 @@ class EngineConfig:
              "kv_cache_dtype must be auto, float32, bfloat16, float16 or int8"),
             (self.cpu_gemm in ("auto", "panels", "onednn"),
              "cpu_gemm must be auto, panels or onednn"),
-            (self.quantization in ("none", "int8-weight"),
-             f"quantization must be none or int8-weight, got {self.quantization!r}"),
+            (self.quantization in ("none", "int8-weight", "w8a8-smoothquant", "llm-int8"),
+             f"quantization must be none, int8-weight, w8a8-smoothquant or llm-int8, got "
+             f"{self.quantization!r}"),
+            (self.llm_int8_threshold > 0, "llm_int8_threshold must be > 0"),
+            (0 <= self.smoothquant_alpha <= 1, "smoothquant_alpha must be in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -103,7 +103,10 @@ class Engine:
         c = self.config
         return LocalExecutor(ShardSpec(model=c.model, dtype=c.dtype,
                                        kv_cache_dtype=c.kv_cache_dtype,
-                                       quantization=c.quantization, cpu_gemm=c.cpu_gemm,
+                                       quantization=c.quantization,
+                                       smoothquant_alpha=c.smoothquant_alpha,
+                                       llm_int8_threshold=c.llm_int8_threshold,
+                                       cpu_gemm=c.cpu_gemm,
                                        device=c.device,
                                        num_threads=c.num_threads, seed=c.seed))
 

@@ -165,6 +165,8 @@ class RayExecutor:
                 spec = ShardSpec(model=self.config.model, dtype=self.config.dtype,
                                  kv_cache_dtype=self.config.kv_cache_dtype,
                                  quantization=self.config.quantization,
+                                 smoothquant_alpha=self.config.smoothquant_alpha,
+                                 llm_int8_threshold=self.config.llm_int8_threshold,
                                  cpu_gemm=self.config.cpu_gemm,
                                  device=self.config.device, tp_rank=r, tp_size=tp, pp_rank=s,
                                  pp_size=pp, layer_range=self.layers[s],

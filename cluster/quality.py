@@ -56,9 +56,9 @@ def measure(model: str, quantization: str, windows: list[list[int]], dtype: str,
     return quality
 
 
-def run(model: str, quantization: str, text: Path = EVALUATION_TEXT, window: int = 512,
-        dtype: str = "float32", progress: bool = True) -> tuple[Quality, Quality | None]:
-    """(the unmodified model's quality, the quantized model's, or None for `none`)."""
+def run(model: str, quantizations: list[str], text: Path = EVALUATION_TEXT, window: int = 512,
+        dtype: str = "float32", progress: bool = True) -> list[Quality]:
+    """The unmodified model's quality, then each quantization's, in one run."""
     from transformers import AutoTokenizer
 
     from shardserve.workers.loader import resolve_model
@@ -68,20 +68,17 @@ def run(model: str, quantization: str, text: Path = EVALUATION_TEXT, window: int
                                 "(Debian ships /usr/share/common-licenses/*)")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     windows = text_windows(tokenizer, text.read_text(errors="replace"), window)
-    base = measure(model, "none", windows, dtype, progress)
-    quantized = None if quantization == "none" else measure(model, quantization, windows, dtype,
-                                                            progress)
-    return base, quantized
+    return [measure(model, q, windows, dtype, progress)
+            for q in ["none"] + [q for q in quantizations if q != "none"]]
 
 
-def report(base: Quality, quantized: Quality | None, text: Path) -> str:
+def report(results: list[Quality], text: Path) -> str:
+    base = results[0]
     lines = [f"perplexity on {text} ({base.tokens_scored} tokens scored)",
-             f"{'quantization':>14} {'perplexity':>11} {'delta':>9} {'weights MiB':>12} "
+             f"{'quantization':>16} {'perplexity':>11} {'delta':>9} {'weights MiB':>12} "
              f"{'seconds':>8}"]
-    for q in (base, quantized):
-        if q is None:
-            continue
+    for q in results:
         delta = q.perplexity - base.perplexity
-        lines.append(f"{q.quantization:>14} {q.perplexity:>11.4f} {delta:>+9.4f} "
+        lines.append(f"{q.quantization:>16} {q.perplexity:>11.4f} {delta:>+9.4f} "
                      f"{q.weight_bytes / 2 ** 20:>12.1f} {q.seconds:>8.1f}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -57,8 +58,11 @@ def test_serve_says_where_it_listens_and_what_auto_chose(served):
     deadline = time.time() + 10
     while "CPU threads per shard" not in open(log).read() and time.time() < deadline:
         time.sleep(0.2)
-    assert ("model dtype float32 (as configured); KV cache float32 (auto: the model's dtype, "
-            "token-exact), 1024 tokens; 1 CPU threads per shard") in open(log).read()
+    text = open(log).read()
+    assert re.search(r"model dtype float32 \(as configured\), weights \d+ MiB; KV cache float32 "
+                     r"\(auto: the model's dtype, token-exact\), 1024 tokens; 1 CPU threads "
+                     r"per shard", text), text
+    assert re.search(r"CPU GEMM: (panels|onednn) \(auto: ", text), text
 
 
 def test_generate_and_stream(served):
@@ -105,3 +109,21 @@ def test_a_bad_config_is_refused_with_the_key(tmp_path):
                             text=True, timeout=60)
     assert result.returncode == 2
     assert "unknown key(s) max_num_seqz in scheduler" in result.stderr
+
+
+def test_quality_prints_perplexity_beside_the_unmodified_model(tiny_model, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 50 + 2}" for i in range(300)))
+    result = subprocess.run([*SHARDSERVE, "quality", "--model", str(tiny_model("llama-gqa")),
+                             "--quantization", "int8-weight,llm-int8", "--text", str(text),
+                             "--window", "64"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"perplexity on {text} (295 tokens scored)"
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert set(rows) == {"none", "int8-weight", "llm-int8"}
+    assert rows["none"][1] == "+0.0000"
+    assert float(rows["int8-weight"][2]) < float(rows["none"][2])  # fewer weight bytes
+    bad = subprocess.run([*SHARDSERVE, "quality", "--quantization", "int4"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown quantization int4" in bad.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from shardserve import LLM, SamplingParams
@@ -78,3 +80,17 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 def test_unknown_engine_option():
     with pytest.raises(TypeError, match="unknown engine option 'tensor_paralel_size'"):
         LLM("smollm2", tensor_paralel_size=2)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"quantization": "int4"}, "quantization must be none, int8-weight, w8a8-smoothquant or "
+                               "llm-int8, got 'int4'"),
+    ({"smoothquant_alpha": 1.5}, "smoothquant_alpha must be in"),
+    ({"llm_int8_threshold": 0}, "llm_int8_threshold must be > 0"),
+    ({"cpu_gemm": "mkl"}, "cpu_gemm must be auto, panels or onednn"),
+])
+def test_bad_compression_options_are_refused_at_start(options, message):
+    from shardserve.cluster.config import EngineConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EngineConfig().with_overrides(**options)

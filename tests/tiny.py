@@ -74,14 +74,18 @@ def set_eos(model_dir: Path, eos_token_id: int) -> None:
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: list[int],
-              ignore_eos: bool = False, fresh_model: bool = False) -> list[list[int]]:
+              ignore_eos: bool = False, fresh_model: bool = False,
+              patch=None) -> list[list[int]]:
     """transformers' generate, one prompt at a time (no padding), greedy. `ignore_eos`: EOS may
     be generated but does not stop (as the engine's ignore_eos; min_new_tokens would mask it).
     `fresh_model`: a new model per prompt, for rope variants whose transformers module keeps
-    state across calls (dynamic scaling keeps the frequencies of the longest sequence seen)."""
+    state across calls (dynamic scaling keeps the frequencies of the longest sequence seen).
+    `patch(model)` changes the loaded model first (e.g. its linear layers' arithmetic)."""
 
     def load():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if patch is not None:
+            patch(model)
         if ignore_eos:
             model.generation_config.eos_token_id = None
         return model

@@ -44,6 +44,11 @@ class ParallelContext:
             dist.all_reduce(x, group=self.tp_group)
         return x
 
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.tp_group)
+        return x
+
     def all_gather(self, x: torch.Tensor, sizes: list[int], dim: int) -> torch.Tensor:
         """Concatenate every rank's `x` along `dim`; rank r's part has sizes[r] rows there."""
         if self.tp_size == 1:

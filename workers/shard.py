@@ -37,6 +37,8 @@ class ShardSpec:
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # auto: the model's dtype
     quantization: str = "none"  # workers/layers/quantize.py
+    smoothquant_alpha: float = 0.5  # migration strength (workers/smoothquant.py)
+    llm_int8_threshold: float = 6.0  # outlier magnitude (workers/layers/quantize.py)
     cpu_gemm: str = "auto"  # float32 weight layout on CPU (workers/layers/cpu_gemm.py)
     device: str = "auto"  # auto: cuda when this process sees a GPU, else cpu
     tp_rank: int = 0
@@ -164,6 +166,10 @@ class Shard:
             raise FileNotFoundError(f"the shard for pipeline stage {spec.pp_rank}, tensor rank "
                                     f"{spec.tp_rank} on node {where_this_runs()} cannot load "
                                     f"the model: {e}") from None
+        if spec.quantization == "w8a8-smoothquant":
+            from .smoothquant import smoothquant_checkpoint
+
+            model_dir = smoothquant_checkpoint(model_dir, spec.smoothquant_alpha)
         hf_config = AutoConfig.from_pretrained(model_dir)
         self.shape: ModelShape = model_shape(hf_config)
         layer_range = spec.layer_range or (0, self.shape.num_layers)
@@ -172,7 +178,7 @@ class Shard:
                                           self.dtype, self.device)
         self.model.load(CheckpointReader(model_dir))
         self.model.eval()
-        quantize_linears(self.model, spec.quantization, self.ctx)
+        quantize_linears(self.model, spec.quantization, self.ctx, spec.llm_int8_threshold)
         self.cpu_gemm, self.cpu_gemm_reason = (resolve_cpu_gemm(spec.cpu_gemm)
                                                if self.device.type == "cpu" else ("", "GPU"))
         for module in self.model.modules():

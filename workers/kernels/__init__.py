@@ -1,6 +1,8 @@
 """Native CPU kernels, compiled on first use with the system C compiler.
 
 - paged_attention.c: decode attention over the paged KV cache;
+- gemm.c: float32 x float32 or int8 weights, over weights packed in panels;
+- gemm_int8.c: int8 x int8 (W8A8) with activations quantized per row, VNNI where the CPU has it;
 - fused.c: a decoder layer's element-wise steps (RMSNorm with the residual add, SiLU-and-mul,
   rotary with the cache write), built with -ffp-contract=off so they round as torch does;
 - vector_math.h: the vector types and exp they share.
@@ -125,6 +127,16 @@ def fused_library() -> ctypes.CDLL | None:
         lib.rotary_and_cache_f32.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr,
                                              ptr, ptr, ptr, i64, ctypes.c_int]
         lib.rotary_and_cache_f32.restype = ctypes.c_int
+    return lib
+
+
+def gemm_int8_library() -> ctypes.CDLL | None:
+    lib = _library("gemm_int8")
+    if lib is not None and not lib.linear_w8a8.argtypes:
+        lib.linear_w8a8.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr,
+                                    i64, ctypes.c_int]
+        lib.linear_w8a8.restype = ctypes.c_int
+        lib.gemm_int8_panel_width.restype = i64
     return lib
 
 

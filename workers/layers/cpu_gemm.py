@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import gemm_library
+from ..kernels import gemm_int8_library, gemm_library
 
 # oneDNN chooses its packed layout for a typical number of rows; any row count works.
 _ROWS_HINT = 64
@@ -37,16 +37,24 @@ class PackableLinear(nn.Module):
     packed: str | None = None  # "panels" (gemm.c) or "onednn"
     out_features = 0
     weight_scale: nn.Parameter | None  # int8 weights: float32, one per output row
+    # int8 activations too (W8A8): each row of x is quantized to int8 on the fly
+    int8_activations = False
+    # LLM.int8: input columns holding any |x| above this stay out of the int8 product and
+    # are multiplied in float32 (against the dequantized int8 weights) and added back
+    outlier_threshold: float | None = None
 
     def __init__(self):
         super().__init__()
         self.register_parameter("weight_scale", None)
+        self.register_parameter("weight_colsum", None)  # W8A8 on CPU: sum of each column
 
-    def set_int8_weight(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+    def set_int8_weight(self, q: torch.Tensor, scale: torch.Tensor,
+                        int8_activations: bool = False) -> None:
         """Hold int8 weights q [out, in] with weight ~= q * scale[:, None] from now on."""
         assert not self.packed, "quantize before packing"
         self.weight = nn.Parameter(q, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        self.int8_activations = int8_activations
 
     def pack_for_cpu(self, layout: str = "onednn") -> str | None:
         """Pack the weight for `layout` (panels or onednn, see resolve_cpu_gemm); returns the
@@ -56,6 +64,16 @@ class PackableLinear(nn.Module):
         weight = self.weight.detach()
         self.out_features = weight.shape[0]
         int8 = weight.dtype == torch.int8
+        if int8 and self.int8_activations:
+            lib = gemm_int8_library()
+            if lib is None:  # no C compiler: matmul runs the torch reference
+                return None
+            self.weight_colsum = nn.Parameter(weight.sum(dim=1, dtype=torch.int32),
+                                              requires_grad=False)
+            self.weight = nn.Parameter(pack_w8a8(weight, lib.gemm_int8_panel_width()),
+                                       requires_grad=False)
+            self.packed = "w8a8"
+            return self.packed
         panels = int8 or (weight.dtype == torch.float32 and layout == "panels")
         lib = gemm_library() if panels else None
         if lib is not None:
@@ -74,7 +92,22 @@ class PackableLinear(nn.Module):
         return self.packed
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.outlier_threshold is not None:
+            large = x.abs() > self.outlier_threshold
+            if large.any():
+                return self._matmul_with_outliers(x, bias, large)
+        return self._matmul(x, bias)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         scale = self.weight_scale
+        if self.packed == "w8a8":
+            y = linear_w8a8(x.float(), self.weight, self.weight_colsum, scale,
+                            self.out_features, None if bias is None else bias.float(),
+                            self.activation_absmax(x))
+            return y.to(x.dtype)
+        if self.int8_activations:  # W8A8 without gemm_int8.c (a GPU, or no C compiler)
+            y = w8a8_reference(x, self.weight, scale, self.activation_absmax(x))
+            return y if bias is None else y + bias
         if self.packed == "panels":
             if scale is None:
                 return linear_panels(x, self.weight, self.out_features, bias)
@@ -89,6 +122,32 @@ class PackableLinear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, bias, "none",
                                                       [], "")
         return F.linear(x, self.weight, bias)
+
+
+    def activation_absmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row's range for quantizing x to int8; None: the row's own (see
+        RowParallelLinear, whose rows are split over ranks)."""
+        return None
+
+    def _matmul_with_outliers(self, x: torch.Tensor, bias: torch.Tensor | None,
+                              large: torch.Tensor) -> torch.Tensor:
+        """LLM.int8's decomposition: each token's outlier features in float32 (against the
+        dequantized weights' columns), the rest in int8. Outliers are decided per token, not
+        per batch as in the paper, so a request's output does not depend on its batch mates:
+        a column another token needs in float32 meets this token's zero there."""
+        outliers = torch.where(large, x, torch.zeros((), dtype=x.dtype))
+        y = self._matmul(x - outliers, bias)
+        columns = large.reshape(-1, x.shape[-1]).any(dim=0).nonzero().squeeze(1)
+        w = self.int8_columns(columns).float() * self.weight_scale[:, None]  # [out, columns]
+        return y + (outliers[..., columns].float() @ w.T).to(y.dtype)
+
+    def int8_columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """The int8 weights' columns [out, len(columns)], read from whichever layout holds them."""
+        w = self.weight
+        if self.packed == "w8a8":  # [panels, k / 4, width, 4]
+            picked = w[:, columns // 4, :, columns % 4]  # [len(columns), panels, width]
+            return picked.reshape(len(columns), -1)[:, :self.out_features].T
+        return w[:, columns]
 
 
 CPU_GEMMS = ("auto", "panels", "onednn")
@@ -126,6 +185,49 @@ def pack_panels(weight: torch.Tensor, width: int) -> torch.Tensor:
     return padded.view(panels, width, k).transpose(1, 2).contiguous()
 
 
+def pack_w8a8(q: torch.Tensor, width: int) -> torch.Tensor:
+    """int8 [n, k] -> [ceil(n / width), ceil(k / 4), width, 4]: four consecutive k of a column
+    side by side (VNNI's layout), zero-padded."""
+    n, k = q.shape
+    panels, kp = -(-n // width), -(-k // 4) * 4
+    padded = torch.zeros(panels * width, kp, dtype=torch.int8)
+    padded[:n, :k] = q
+    return padded.view(panels, width, kp // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
+def linear_w8a8(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor,
+                scale: torch.Tensor, n: int, bias: torch.Tensor | None,
+                row_absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """row_absmax (float32, one per row of x): the range each row is quantized over, where
+    it is not the row's own (a row split over tensor ranks)."""
+    k = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if x2.shape[0]:
+        absmax = None if row_absmax is None else row_absmax.reshape(-1).contiguous()
+        status = _linear_w8a8()(x2.data_ptr(), x2.shape[0], x2.stride(0),
+                                None if absmax is None else absmax.data_ptr(), packed.data_ptr(),
+                                colsum.data_ptr(), scale.data_ptr(), n, k,
+                                None if bias is None else bias.data_ptr(), y.data_ptr(), n,
+                                torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("linear_w8a8: out of memory for the quantized rows")
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+
+
+def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                   row_absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 in torch: x quantized per row as gemm_int8.c does it, the products summed in
+    float32 (exact while partial sums stay below 2^24, close beyond)."""
+    absmax = (x.float().abs().amax(dim=-1, keepdim=True) if row_absmax is None
+              else row_absmax.reshape(*x.shape[:-1], 1))
+    xs = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+    xq = torch.round(x.float() / xs).clamp_(-127, 127)
+    return (F.linear(xq, q.float()) * xs * scale).to(x.dtype)
+
+
 def linear_panels(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None,
                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., k] float32 times packed panels of float32, or of int8 with `scale` (float32, one
@@ -142,6 +244,11 @@ def linear_panels(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Ten
                      None if bias is None else bias.data_ptr(), y.data_ptr(), n,
                      torch.get_num_threads())
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+
+
+@lru_cache(maxsize=1)
+def _linear_w8a8():
+    return gemm_int8_library().linear_w8a8
 
 
 @lru_cache(maxsize=1)

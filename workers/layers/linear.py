@@ -70,6 +70,13 @@ class RowParallelLinear(PackableLinear):
         if self.bias is not None:
             self.bias.copy_(bias_source[:])
 
+    def activation_absmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """W8A8: each rank holds a slice of every row of x; quantizing each slice over its own
+        range would make the result depend on the layout, so the ranks share each row's max."""
+        if self.ctx.tp_size == 1:
+            return None
+        return self.ctx.all_reduce_max(x.abs().amax(dim=-1).float())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x, None)
         if self.ctx.sequence_parallel:

@@ -7,6 +7,16 @@ only the slices it holds: a column-parallel layer keeps whole rows on each rank;
 layer's rows are split by input columns, so its ranks agree on each row's maximum with one
 all-reduce, and every layout stores the int8 values and scales TP=1 stores.
 
+`w8a8-smoothquant`: the same int8 weights, over a checkpoint smoothed first
+(workers/smoothquant.py), and int8 activations: each row of a linear layer's input is
+quantized symmetrically on the fly (one scale per token), and the products are summed in int32
+(workers/kernels/gemm_int8.c).
+
+`llm-int8` (LLM.int8()): the same int8 weights and per-token int8 activations, except the
+input feature dimensions where any value of the batch exceeds a threshold (default 6.0): those
+columns are multiplied in float32 against the dequantized weights and added back, since a few
+large features would otherwise set every token's scale and crush the rest.
+
 The LM head stays in the model's dtype, as vLLM's and transformers' int8 schemes leave it by
 default: its logits pick every token, and tied models share it with the embedding.
 """
@@ -14,7 +24,6 @@ default: its logits pick every token, and tied models share it with the embeddin
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..parallel import ParallelContext
@@ -22,7 +31,7 @@ from .cpu_gemm import PackableLinear
 from .embedding import ParallelLMHead
 from .linear import RowParallelLinear
 
-QUANTIZATIONS = ("none", "int8-weight")
+QUANTIZATIONS = ("none", "int8-weight", "w8a8-smoothquant", "llm-int8")
 
 
 def int8_per_row(weight: torch.Tensor,
@@ -38,7 +47,8 @@ def int8_per_row(weight: torch.Tensor,
     return q, scale
 
 
-def quantize_linears(model: nn.Module, scheme: str, ctx: ParallelContext) -> int:
+def quantize_linears(model: nn.Module, scheme: str, ctx: ParallelContext,
+                     outlier_threshold: float = 6.0) -> int:
     """Quantize the model's linear layers in place; returns how many were quantized."""
     if scheme not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {scheme!r}")
@@ -50,8 +60,11 @@ def quantize_linears(model: nn.Module, scheme: str, ctx: ParallelContext) -> int
             continue
         weight = module.weight.detach()
         absmax = weight.abs().amax(dim=1).float()
-        if isinstance(module, RowParallelLinear) and ctx.tp_size > 1:
-            dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=ctx.tp_group)
-        module.set_int8_weight(*int8_per_row(weight, absmax))
+        if isinstance(module, RowParallelLinear):
+            ctx.all_reduce_max(absmax)
+        module.set_int8_weight(*int8_per_row(weight, absmax),
+                               int8_activations=scheme in ("w8a8-smoothquant", "llm-int8"))
+        if scheme == "llm-int8":
+            module.outlier_threshold = outlier_threshold
         count += 1
     return count
