@@ -4,6 +4,7 @@
     shardserve generate "prompt" [--chat] [--stream] [--max-tokens N] [--target HOST:PORT]
     shardserve plan --model DIR [--dtype float16] [--memory 16GiB] [--seq-len 4096]
     shardserve quality [--model M] [--quantization int8-weight,llm-int8] [--text FILE]
+    shardserve smooth --model M --out DIR [--alpha 0.5]
 """
 
 from __future__ import annotations
@@ -52,6 +53,22 @@ def cmd_quality(args: argparse.Namespace) -> int:
               f"{', '.join(QUANTIZATIONS)}", file=sys.stderr)
         return 2
     print(report(run(args.model, quantizations, text, args.window, args.dtype), text))
+    return 0
+
+
+def cmd_smooth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shardserve.workers.loader import resolve_model
+    from shardserve.workers.smoothquant import write_smoothed
+
+    out = Path(args.out)
+    if out.exists():
+        print(f"error: {out} exists; choose a new directory", file=sys.stderr)
+        return 2
+    write_smoothed(resolve_model(args.model), args.alpha, out)
+    print(f"wrote the smoothed checkpoint to {out}; serve it with quantization: "
+          f"w8a8-smoothquant (no calibration at start)")
     return 0
 
 
@@ -182,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="plain-text file to score (default: Debian's GPL-3)")
     quality.add_argument("--window", type=int, default=512, help="tokens per scored window")
     quality.set_defaults(func=cmd_quality)
+
+    smooth = sub.add_parser("smooth", help="calibrate and write a SmoothQuant-smoothed "
+                                           "checkpoint, to serve with w8a8-smoothquant")
+    smooth.add_argument("--model", default="smollm2")
+    smooth.add_argument("--out", required=True)
+    smooth.add_argument("--alpha", type=float, default=0.5, help="migration strength in [0, 1]")
+    smooth.set_defaults(func=cmd_smooth)
 
     gen = sub.add_parser("generate", help="send a prompt to a running server")
     gen.add_argument("prompt")

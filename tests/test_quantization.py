@@ -21,12 +21,8 @@ from shardserve.cluster.quality import measure, text_windows
 from shardserve.workers.layers.quantize import int8_per_row
 
 # The largest |logprob difference| of a token both models chose on the tiny models (measured
-# 0.177 on an AMD EPYC Zen 4: their random weights are wide), the least mean greedy agreement
-# with float32 on SmolLM2 (8 prompts x 32 tokens; measured 0.77), and the largest relative
-# perplexity change on the start of Debian's GPL-3 (measured +0.07%).
+# 0.177 on an AMD EPYC Zen 4/5: their random weights are wide).
 TINY_LOGPROB_TOLERANCE = 0.25
-SMOLLM2_AGREEMENT = 0.6
-SMOLLM2_PERPLEXITY_INCREASE = 0.02  # relative
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
            "The three primary colours are", "In 1492, Columbus", "import numpy as np\n",
            "The best way to learn a language is", "Water boils at"]
@@ -127,22 +123,42 @@ def test_logprobs_of_the_tiny_models_stay_within_tolerance(tiny_model):
     assert 0 < worst <= TINY_LOGPROB_TOLERANCE, worst
 
 
-def test_smollm2_greedy_agreement_stays_within_tolerance(smollm2_dir):
-    from test_kv_cache_dtype import agreement
+# Per scheme on SmolLM2: the least mean greedy agreement with float32 (8 prompts x 32
+# tokens) and the largest relative perplexity change on the start of Debian's GPL-3. Measured
+# on an AMD EPYC (Zen 4/5): int8-weight 0.77 and +0.07%, w8a8-smoothquant 0.32 and +0.8%
+# (alpha 0, no smoothing: +15.8% on the whole GPL-3), llm-int8 0.26 and +1.8%.
+SMOLLM2_TOLERANCE = {"int8-weight": (0.6, 0.02), "w8a8-smoothquant": (0.25, 0.03),
+                     "llm-int8": (0.2, 0.04)}
 
+
+@pytest.mark.parametrize("scheme", list(SMOLLM2_TOLERANCE))
+def test_smollm2_stays_within_tolerance(smollm2_dir, scheme):
+    from test_kv_cache_dtype import agreement
+    from transformers import AutoTokenizer
+
+    least_agreement, largest_change = SMOLLM2_TOLERANCE[scheme]
     greedy = SamplingParams(max_tokens=32, temperature=0)
     reference = LLM(str(smollm2_dir), dtype="float32", kv_cache_memory="256MiB").generate(
         PROMPTS, greedy)
     got = LLM(str(smollm2_dir), dtype="float32", kv_cache_memory="256MiB",
-              quantization="int8-weight").generate(PROMPTS, greedy)
+              quantization=scheme).generate(PROMPTS, greedy)
     shares = [agreement(r.token_ids, g.token_ids) for r, g in zip(reference, got)]
-    print(f"int8-weight: mean greedy agreement {sum(shares) / len(shares):.3f}")
-    assert sum(shares) / len(shares) >= SMOLLM2_AGREEMENT, shares
+    print(f"{scheme}: mean greedy agreement {sum(shares) / len(shares):.3f}")
+    assert sum(shares) / len(shares) >= least_agreement, shares
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    windows = text_windows(tokenizer, open("/usr/share/common-licenses/GPL-3").read()[:6000],
+                           256)
+    base = measure(str(smollm2_dir), "none", windows, "float32", progress=False)
+    quantized = measure(str(smollm2_dir), scheme, windows, "float32", progress=False)
+    print(f"perplexity {base.perplexity:.4f} -> {quantized.perplexity:.4f} ({scheme})")
+    assert 0 < abs(quantized.perplexity / base.perplexity - 1) <= largest_change
+    # The linear layers' 424 MB become 106 MB; the embedding and the LM head (113 MB each)
+    # stay float32: 651 MB -> 333 MB.
+    assert quantized.weight_bytes < 0.53 * base.weight_bytes
 
 
-def test_perplexity_is_transformers_perplexity_and_int8_stays_close(smollm2_dir):
-    """`shardserve quality`'s scoring equals transformers' loss on the same windows; int8
-    weights raise SmolLM2's perplexity by at most the stated share."""
+def test_perplexity_is_transformers_perplexity(smollm2_dir):
+    """`shardserve quality`'s scoring equals transformers' loss on the same windows."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -158,21 +174,10 @@ def test_perplexity_is_transformers_perplexity_and_int8_stays_close(smollm2_dir)
             count += len(w) - 1
     assert base.tokens_scored == count
     assert base.perplexity == pytest.approx(math.exp(nll / count), rel=1e-4)
-    int8 = measure(str(smollm2_dir), "int8-weight", windows, "float32", progress=False)
-    print(f"perplexity {base.perplexity:.4f} -> {int8.perplexity:.4f} (int8-weight)")
-    assert 0 < abs(int8.perplexity / base.perplexity - 1) <= SMOLLM2_PERPLEXITY_INCREASE
-    # The linear layers' 424 MB become 106 MB; the embedding and the LM head (113 MB each)
-    # stay float32: 651 MB -> 333 MB.
-    assert int8.weight_bytes < 0.53 * base.weight_bytes
 
 
 # --- W8A8 with SmoothQuant ------------------------------------------------------------------
 
-# Measured on an AMD EPYC (Zen 4/5): mean greedy agreement 0.32 with float32 on SmolLM2 (8
-# prompts x 32 tokens), perplexity +0.8% on the start of the GPL-3 (+1.7% on all of it, where
-# alpha 0, no smoothing, gives +15.8%).
-W8A8_SMOLLM2_AGREEMENT = 0.25
-W8A8_SMOLLM2_PERPLEXITY_INCREASE = 0.03  # relative
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 960, 576), (3, 33, 21), (9, 100, 1203),
@@ -291,32 +296,8 @@ def test_w8a8_across_tensor_and_pipeline_parallel(ray_cluster, tiny_model):
         llm.shutdown()
 
 
-def test_w8a8_smollm2_stays_within_tolerance(smollm2_dir):
-    from test_kv_cache_dtype import agreement
-    from transformers import AutoTokenizer
-
-    greedy = SamplingParams(max_tokens=32, temperature=0)
-    reference = LLM(str(smollm2_dir), dtype="float32", kv_cache_memory="256MiB").generate(
-        PROMPTS, greedy)
-    got = LLM(str(smollm2_dir), dtype="float32", kv_cache_memory="256MiB",
-              quantization="w8a8-smoothquant").generate(PROMPTS, greedy)
-    shares = [agreement(r.token_ids, g.token_ids) for r, g in zip(reference, got)]
-    print(f"w8a8-smoothquant: mean greedy agreement {sum(shares) / len(shares):.3f}")
-    assert sum(shares) / len(shares) >= W8A8_SMOLLM2_AGREEMENT, shares
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    windows = text_windows(tokenizer, open("/usr/share/common-licenses/GPL-3").read()[:6000],
-                           256)
-    base = measure(str(smollm2_dir), "none", windows, "float32", progress=False)
-    w8a8 = measure(str(smollm2_dir), "w8a8-smoothquant", windows, "float32", progress=False)
-    print(f"perplexity {base.perplexity:.4f} -> {w8a8.perplexity:.4f} (w8a8-smoothquant)")
-    assert abs(w8a8.perplexity / base.perplexity - 1) <= W8A8_SMOLLM2_PERPLEXITY_INCREASE
-
-
 # --- LLM.int8 -------------------------------------------------------------------------------
 
-# Measured as above: mean greedy agreement 0.26, perplexity +2.3% on all of the GPL-3.
-LLM_INT8_SMOLLM2_AGREEMENT = 0.2
-LLM_INT8_SMOLLM2_PERPLEXITY_INCREASE = 0.04  # relative
 
 
 def llm_int8_reference(x, q, scale, threshold):
@@ -371,22 +352,17 @@ def test_llm_int8_computes_the_reference_arithmetic(tiny_model):
     assert_close_to_reference(llm, model_dir, patch)
 
 
-def test_llm_int8_smollm2_stays_within_tolerance(smollm2_dir):
-    from test_kv_cache_dtype import agreement
-    from transformers import AutoTokenizer
+def test_a_written_smoothed_checkpoint_is_served_without_calibrating(tiny_model, tmp_path):
+    import subprocess
+    import sys
 
-    greedy = SamplingParams(max_tokens=32, temperature=0)
-    reference = LLM(str(smollm2_dir), dtype="float32", kv_cache_memory="256MiB").generate(
-        PROMPTS, greedy)
-    got = LLM(str(smollm2_dir), dtype="float32", kv_cache_memory="256MiB",
-              quantization="llm-int8").generate(PROMPTS, greedy)
-    shares = [agreement(r.token_ids, g.token_ids) for r, g in zip(reference, got)]
-    print(f"llm-int8: mean greedy agreement {sum(shares) / len(shares):.3f}")
-    assert sum(shares) / len(shares) >= LLM_INT8_SMOLLM2_AGREEMENT, shares
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    windows = text_windows(tokenizer, open("/usr/share/common-licenses/GPL-3").read()[:6000],
-                           256)
-    base = measure(str(smollm2_dir), "none", windows, "float32", progress=False)
-    got = measure(str(smollm2_dir), "llm-int8", windows, "float32", progress=False)
-    print(f"perplexity {base.perplexity:.4f} -> {got.perplexity:.4f} (llm-int8)")
-    assert abs(got.perplexity / base.perplexity - 1) <= LLM_INT8_SMOLLM2_PERPLEXITY_INCREASE
+    from shardserve.workers.smoothquant import smoothquant_checkpoint
+
+    out = tmp_path / "smoothed"
+    result = subprocess.run([sys.executable, "-m", "shardserve.cluster.cli", "smooth", "--model",
+                             str(tiny_model("llama-gqa")), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert smoothquant_checkpoint(out, 0.5) == out  # marked: loaded as it is
+    llm = LLM(str(out), dtype="float32", quantization="w8a8-smoothquant")
+    assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0))[0].token_ids

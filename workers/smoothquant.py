@@ -19,13 +19,15 @@ GPL-3 (cluster/quality.py), a different text.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 CALIBRATION_TEXTS = (Path("/usr/share/common-licenses/Apache-2.0"),
                      Path("/usr/share/common-licenses/GPL-2"))
@@ -38,9 +40,13 @@ def smoothquant_checkpoint(model_dir: Path, alpha: float) -> Path:
     """The smoothed copy of model_dir in the cache, made on first use (one process per node
     makes it, the others wait for it); model_dir itself when it is already smoothed."""
     model_dir = Path(model_dir)
-    if MARKER in json.loads((model_dir / "config.json").read_text()):
+    marker = json.loads((model_dir / "config.json").read_text()).get(MARKER)
+    if marker is not None:
+        if marker.get("alpha") != alpha:
+            log.warning("%s was smoothed with alpha %s; serving it as it is (alpha %s is not "
+                        "applied)", model_dir, marker.get("alpha"), alpha)
         return model_dir
-    from .loader import cache_dir
+    from .loader import build_once, cache_dir
 
     key = [str(model_dir.resolve()), repr(alpha)]
     for f in sorted(model_dir.glob("*.safetensors")) + list(CALIBRATION_TEXTS):
@@ -48,17 +54,7 @@ def smoothquant_checkpoint(model_dir: Path, alpha: float) -> Path:
         key.append(f"{f}:{stat.st_size}:{stat.st_mtime_ns}")
     digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"{model_dir.name}-smoothquant-{digest}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f"{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            write_smoothed(model_dir, alpha, tmp)
-            tmp.rename(target)
-    return target
+    return build_once(target, lambda tmp: write_smoothed(model_dir, alpha, tmp))
 
 
 def calibration_windows(tokenizer, window: int = CALIBRATION_WINDOW) -> list[list[int]]:

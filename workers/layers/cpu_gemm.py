@@ -6,9 +6,9 @@ Two layouts, one chosen per shard (`cpu_gemm`; keeping both would double the wei
   BLIS-style;
 - `onednn`: oneDNN's packed layout (`F.linear` would repack the weight on every call).
 `auto` picks by what was measured side by side (bench/README.md): on an AMD EPYC (Zen 4/5)
-the panels decode 1.3-1.8x faster at batch 1 and give ~7% more throughput, for ~5% slower
-prefill; on an Intel Xeon (Sapphire Rapids) they decode ~20% faster but oneDNN prefills
-11-25% faster and gives up to 15% more throughput. So auto is oneDNN on Intel CPUs and the
+the panels decode 1.1-1.8x faster at batch 1, with throughput and prefill equal within that
+machine's noise; on an Intel Xeon (Sapphire Rapids) they decode ~20% faster but oneDNN
+prefills 11-25% faster and gives up to 15% more throughput. So auto is oneDNN on Intel CPUs and the
 panels elsewhere. GPU weights stay as they are (`F.linear`).
 
 int8 weights (quantization `int8-weight`, workers/layers/quantize.py) always take the panels
@@ -163,7 +163,7 @@ def resolve_cpu_gemm(name: str) -> tuple[str, str]:
         return "onednn", "auto: oneDNN on Intel CPUs (faster prefill and throughput measured)"
     if gemm_library() is None:
         return "onednn", "auto: gemm.c did not build"
-    return "panels", "auto: gemm.c panels (faster decode and throughput measured off Intel)"
+    return "panels", "auto: gemm.c panels (faster batch-1 decode measured off Intel)"
 
 
 def _cpu_vendor() -> str:
