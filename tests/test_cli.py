@@ -127,3 +127,15 @@ def test_quality_prints_perplexity_beside_the_unmodified_model(tiny_model, tmp_p
     bad = subprocess.run([*SHARDSERVE, "quality", "--quantization", "int4"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown quantization int4" in bad.stderr
+
+
+def test_the_offline_api_imports_neither_ray_nor_grpc(tiny_model):
+    """One in-process shard needs neither; importing them would slow every offline start."""
+    code = (f"import sys\nfrom shardserve import LLM, SamplingParams\n"
+            f"llm = LLM({str(tiny_model('llama-gqa'))!r}, dtype='float32')\n"
+            "llm.generate([[5, 6]], SamplingParams(max_tokens=2))\n"
+            "print(sorted(m for m in ('ray', 'grpc') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

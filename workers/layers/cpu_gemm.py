@@ -135,7 +135,7 @@ class PackableLinear(nn.Module):
         dequantized weights' columns), the rest in int8. Outliers are decided per token, not
         per batch as in the paper, so a request's output does not depend on its batch mates:
         a column another token needs in float32 meets this token's zero there."""
-        outliers = torch.where(large, x, torch.zeros((), dtype=x.dtype))
+        outliers = torch.where(large, x, x.new_zeros(()))
         y = self._matmul(x - outliers, bias)
         columns = large.reshape(-1, x.shape[-1]).any(dim=0).nonzero().squeeze(1)
         w = self.int8_columns(columns).float() * self.weight_scale[:, None]  # [out, columns]
