@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-QUANTIZATIONS = ("none", "int8-weight", "w8a8-smoothquant", "llm-int8")
+from .config import QUANTIZATIONS
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

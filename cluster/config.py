@@ -83,6 +83,10 @@ class SchedulerConfig:
     max_waiting_requests: int = 1024
 
 
+QUANTIZATIONS = ("none", "int8-weight", "w8a8-smoothquant", "llm-int8")
+CPU_GEMMS = ("auto", "panels", "onednn")
+
+
 @dataclass
 class EngineConfig:
     model: str = "smollm2"
@@ -154,9 +158,8 @@ class EngineConfig:
              "dtype must be auto, float32, bfloat16 or float16"),
             (self.kv_cache_dtype in ("auto", "float32", "bfloat16", "float16", "int8"),
              "kv_cache_dtype must be auto, float32, bfloat16, float16 or int8"),
-            (self.cpu_gemm in ("auto", "panels", "onednn"),
-             "cpu_gemm must be auto, panels or onednn"),
-            (self.quantization in ("none", "int8-weight", "w8a8-smoothquant", "llm-int8"),
+            (self.cpu_gemm in CPU_GEMMS, "cpu_gemm must be auto, panels or onednn"),
+            (self.quantization in QUANTIZATIONS,
              f"quantization must be none, int8-weight, w8a8-smoothquant or llm-int8, got "
              f"{self.quantization!r}"),
             (self.llm_int8_threshold > 0, "llm_int8_threshold must be > 0"),

@@ -100,15 +100,7 @@ class Engine:
         if self.config.num_shards > 1 or self.config.parallel.replicas > 1:
             raise ValueError("tensor/pipeline parallelism and replicas run on Ray: "
                              "pass a RayExecutor (LLM does this for you)")
-        c = self.config
-        return LocalExecutor(ShardSpec(model=c.model, dtype=c.dtype,
-                                       kv_cache_dtype=c.kv_cache_dtype,
-                                       quantization=c.quantization,
-                                       smoothquant_alpha=c.smoothquant_alpha,
-                                       llm_int8_threshold=c.llm_int8_threshold,
-                                       cpu_gemm=c.cpu_gemm,
-                                       device=c.device,
-                                       num_threads=c.num_threads, seed=c.seed))
+        return LocalExecutor(ShardSpec.from_config(self.config))
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -162,17 +162,11 @@ class RayExecutor:
                 node = bundle_nodes[(id(group), index)]
                 threads = self.config.num_threads or max(
                     1, int(nodes[node]["Resources"].get("CPU", 1)) // shards_per_node[node])
-                spec = ShardSpec(model=self.config.model, dtype=self.config.dtype,
-                                 kv_cache_dtype=self.config.kv_cache_dtype,
-                                 quantization=self.config.quantization,
-                                 smoothquant_alpha=self.config.smoothquant_alpha,
-                                 llm_int8_threshold=self.config.llm_int8_threshold,
-                                 cpu_gemm=self.config.cpu_gemm,
-                                 device=self.config.device, tp_rank=r, tp_size=tp, pp_rank=s,
-                                 pp_size=pp, layer_range=self.layers[s],
-                                 sequence_parallel=p.sequence_parallel, num_threads=threads,
-                                 dist_init_method=init_method,
-                                 dist_timeout_s=p.collective_timeout_s, seed=self.config.seed)
+                spec = ShardSpec.from_config(
+                    self.config, tp_rank=r, tp_size=tp, pp_rank=s, pp_size=pp,
+                    layer_range=self.layers[s], sequence_parallel=p.sequence_parallel,
+                    num_threads=threads, dist_init_method=init_method,
+                    dist_timeout_s=p.collective_timeout_s)
                 actor = ray.remote(Shard).options(
                     num_cpus=p.num_cpus_per_shard, num_gpus=gpus,
                     max_concurrency=1, max_restarts=0,

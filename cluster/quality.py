@@ -41,8 +41,6 @@ def measure(model: str, quantization: str, windows: list[list[int]], dtype: str,
 
     start = time.perf_counter()
     shard = Shard(ShardSpec(model=model, dtype=dtype, quantization=quantization))
-    block_size = 16
-    shard.allocate_kv(-(-max(len(w) for w in windows) // block_size), block_size)
     total, count = 0.0, 0
     bar = tqdm(windows, desc=f"{quantization:>12}", unit="window", disable=not progress)
     for w in bar:

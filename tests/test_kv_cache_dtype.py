@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import mixed_prompts
+from tiny import largest_logprob_difference, mean_greedy_agreement
 
-from shardserve import LLM, SamplingParams
+from shardserve import LLM
 
 # Per KV dtype: the largest |logprob difference| of a token both caches chose (tiny models),
 # and the least mean greedy agreement with the fp32 cache on SmolLM2 (the share of tokens
@@ -20,11 +20,6 @@ TOLERANCE = {"float16": (0.01, 0.9), "bfloat16": (0.1, 0.75), "int8": (0.2, 0.6)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
            "The three primary colours are", "In 1492, Columbus", "import numpy as np\n",
            "The best way to learn a language is", "Water boils at"]
-
-
-def agreement(a: list[int], b: list[int]) -> float:
-    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return same / max(len(a), 1)
 
 
 def test_auto_stores_the_model_dtype_and_16_bits_hold_twice_the_tokens(tiny_model):
@@ -46,29 +41,14 @@ def test_auto_stores_the_model_dtype_and_16_bits_hold_twice_the_tokens(tiny_mode
 
 @pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16", "int8"])
 def test_logprobs_of_the_tiny_models_stay_within_tolerance(tiny_model, kv_dtype):
-    worst = 0.0
-    for variant in ("llama-gqa", "llama-mha", "qwen2-gqa"):
-        model_dir = str(tiny_model(variant))
-        prompts, max_tokens = mixed_prompts(8)
-        params = [SamplingParams(max_tokens=n, temperature=0, logprobs=0) for n in max_tokens]
-        reference = LLM(model_dir, dtype="float32").generate(prompts, params)
-        got = LLM(model_dir, dtype="float32", kv_cache_dtype=kv_dtype).generate(prompts, params)
-        for r, g in zip(reference, got):
-            for a, b in zip(r.logprobs, g.logprobs):
-                if a.token_id != b.token_id:
-                    break
-                worst = max(worst, abs(a.logprob - b.logprob))
+    worst = largest_logprob_difference(
+        [tiny_model(v) for v in ("llama-gqa", "llama-mha", "qwen2-gqa")], kv_cache_dtype=kv_dtype)
     print(f"{kv_dtype}: largest logprob difference {worst:.4f}")
     assert 0 < worst <= TOLERANCE[kv_dtype][0], worst
 
 
 @pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16", "int8"])
 def test_smollm2_greedy_agreement_stays_within_tolerance(smollm2_dir, kv_dtype):
-    greedy = SamplingParams(max_tokens=32, temperature=0)
-    reference = LLM(str(smollm2_dir), dtype="float32", kv_cache_memory="256MiB").generate(
-        PROMPTS, greedy)
-    got = LLM(str(smollm2_dir), dtype="float32", kv_cache_memory="256MiB",
-              kv_cache_dtype=kv_dtype).generate(PROMPTS, greedy)
-    shares = [agreement(r.token_ids, g.token_ids) for r, g in zip(reference, got)]
-    print(f"{kv_dtype}: mean greedy agreement {sum(shares) / len(shares):.3f}")
-    assert sum(shares) / len(shares) >= TOLERANCE[kv_dtype][1], shares
+    mean = mean_greedy_agreement(smollm2_dir, PROMPTS, kv_cache_dtype=kv_dtype)
+    print(f"{kv_dtype}: mean greedy agreement {mean:.3f}")
+    assert mean >= TOLERANCE[kv_dtype][1]

@@ -13,7 +13,9 @@ import shutil
 
 import pytest
 import torch
-from tiny import hf_greedy, mixed_prompts
+from test_distributed import serve
+from tiny import (hf_greedy, largest_logprob_difference, mean_greedy_agreement,
+                  mixed_prompts)
 from transformers import AutoModelForCausalLM
 
 from shardserve import LLM, SamplingParams
@@ -93,9 +95,8 @@ def test_tensor_and_pipeline_parallel_quantize_like_one_shard(ray_cluster, tiny_
     model_dir = tiny_model("llama-gqa-untied")  # 6 heads / 3 KV heads over 2 ranks
     prompts, max_tokens = mixed_prompts()
     expected = hf_greedy(dequantized_copy(model_dir, tmp_path), prompts, max_tokens)
-    llm = LLM(str(model_dir), use_ray=True, dtype="float32", num_threads=1,
-              num_cpus_per_shard=1, tensor_parallel_size=2, pipeline_parallel_size=2,
-              quantization="int8-weight")
+    llm = serve(model_dir, tensor_parallel_size=2, pipeline_parallel_size=2,
+                quantization="int8-weight")
     try:
         results = llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0)
                                          for n in max_tokens])
@@ -106,19 +107,9 @@ def test_tensor_and_pipeline_parallel_quantize_like_one_shard(ray_cluster, tiny_
 
 
 def test_logprobs_of_the_tiny_models_stay_within_tolerance(tiny_model):
-    worst = 0.0
-    for variant in ("llama-gqa", "llama-mha", "qwen2-gqa"):
-        model_dir = str(tiny_model(variant))
-        prompts, max_tokens = mixed_prompts(8)
-        params = [SamplingParams(max_tokens=n, temperature=0, logprobs=0) for n in max_tokens]
-        reference = LLM(model_dir, dtype="float32").generate(prompts, params)
-        got = LLM(model_dir, dtype="float32", quantization="int8-weight").generate(prompts,
-                                                                                  params)
-        for r, g in zip(reference, got):
-            for a, b in zip(r.logprobs, g.logprobs):
-                if a.token_id != b.token_id:
-                    break
-                worst = max(worst, abs(a.logprob - b.logprob))
+    worst = largest_logprob_difference(
+        [tiny_model(v) for v in ("llama-gqa", "llama-mha", "qwen2-gqa")],
+        quantization="int8-weight")
     print(f"int8-weight: largest logprob difference {worst:.4f}")
     assert 0 < worst <= TINY_LOGPROB_TOLERANCE, worst
 
@@ -133,18 +124,12 @@ SMOLLM2_TOLERANCE = {"int8-weight": (0.6, 0.02), "w8a8-smoothquant": (0.25, 0.03
 
 @pytest.mark.parametrize("scheme", list(SMOLLM2_TOLERANCE))
 def test_smollm2_stays_within_tolerance(smollm2_dir, scheme):
-    from test_kv_cache_dtype import agreement
     from transformers import AutoTokenizer
 
     least_agreement, largest_change = SMOLLM2_TOLERANCE[scheme]
-    greedy = SamplingParams(max_tokens=32, temperature=0)
-    reference = LLM(str(smollm2_dir), dtype="float32", kv_cache_memory="256MiB").generate(
-        PROMPTS, greedy)
-    got = LLM(str(smollm2_dir), dtype="float32", kv_cache_memory="256MiB",
-              quantization=scheme).generate(PROMPTS, greedy)
-    shares = [agreement(r.token_ids, g.token_ids) for r, g in zip(reference, got)]
-    print(f"{scheme}: mean greedy agreement {sum(shares) / len(shares):.3f}")
-    assert sum(shares) / len(shares) >= least_agreement, shares
+    mean = mean_greedy_agreement(smollm2_dir, PROMPTS, quantization=scheme)
+    print(f"{scheme}: mean greedy agreement {mean:.3f}")
+    assert mean >= least_agreement
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     windows = text_windows(tokenizer, open("/usr/share/common-licenses/GPL-3").read()[:6000],
                            256)
@@ -287,9 +272,8 @@ def test_w8a8_across_tensor_and_pipeline_parallel(ray_cluster, tiny_model):
     from shardserve.workers.smoothquant import smoothquant_checkpoint
 
     model_dir = tiny_model("llama-gqa-untied")
-    llm = LLM(str(model_dir), use_ray=True, dtype="float32", num_threads=1,
-              num_cpus_per_shard=1, tensor_parallel_size=2, pipeline_parallel_size=2,
-              quantization="w8a8-smoothquant")
+    llm = serve(model_dir, tensor_parallel_size=2, pipeline_parallel_size=2,
+                quantization="w8a8-smoothquant")
     try:
         assert_close_to_reference(llm, smoothquant_checkpoint(model_dir, 0.5), w8a8_patch)
     finally:

@@ -109,3 +109,41 @@ def mixed_prompts(count: int = 6, seed: int = 1) -> tuple[list[list[int]], list[
     prompts = [torch.randint(2, VOCAB - 1, (n,), generator=g).tolist() for n in lengths]
     max_tokens = [12, 30, 5, 20, 40, 1, 25, 8][:count]
     return prompts, max_tokens
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    """The share of a's tokens equal to b's before the first difference."""
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return same / max(len(a), 1)
+
+
+def mean_greedy_agreement(model_dir, prompts: list[str], **options) -> float:
+    """Mean agreement of 32 greedy tokens per prompt with `options` against fp32 without."""
+    from shardserve import LLM, SamplingParams
+
+    greedy = SamplingParams(max_tokens=32, temperature=0)
+    reference = LLM(str(model_dir), dtype="float32", kv_cache_memory="256MiB").generate(
+        prompts, greedy)
+    got = LLM(str(model_dir), dtype="float32", kv_cache_memory="256MiB", **options).generate(
+        prompts, greedy)
+    shares = [agreement(r.token_ids, g.token_ids) for r, g in zip(reference, got)]
+    return sum(shares) / len(shares)
+
+
+def largest_logprob_difference(model_dirs, **options) -> float:
+    """The largest |logprob difference| of a greedy token both runs chose (up to their first
+    difference), with `options` against fp32 without, over mixed prompts on each model."""
+    from shardserve import LLM, SamplingParams
+
+    worst = 0.0
+    for model_dir in model_dirs:
+        prompts, max_tokens = mixed_prompts(8)
+        params = [SamplingParams(max_tokens=n, temperature=0, logprobs=0) for n in max_tokens]
+        reference = LLM(str(model_dir), dtype="float32").generate(prompts, params)
+        got = LLM(str(model_dir), dtype="float32", **options).generate(prompts, params)
+        for r, g in zip(reference, got):
+            for a, b in zip(r.logprobs, g.logprobs):
+                if a.token_id != b.token_id:
+                    break
+                worst = max(worst, abs(a.logprob - b.logprob))
+    return worst

@@ -6,6 +6,7 @@ The same class runs in-process (the offline API with one shard) and as a Ray act
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
@@ -53,6 +54,14 @@ class ShardSpec:
     dist_init_method: str | None = None
     dist_timeout_s: float = 60.0
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, config, **placement) -> "ShardSpec":
+        """The settings every shard of an engine shares, taken by name from its EngineConfig
+        (model, dtype, quantization, ...), plus this shard's own place (ranks, layers, ...)."""
+        shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
+                  if f.name not in placement and hasattr(config, f.name)}
+        return cls(**shared, **placement)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -304,13 +313,14 @@ class Shard:
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> list[float]:
         """Natural-log probability of each token after the first, given those before it: one
-        prefill of the whole list from the start of the KV cache (for `shardserve quality`;
-        a single shard that serves nothing else meanwhile)."""
+        prefill of the whole list from the start of the KV cache (for `shardserve quality`
+        and calibration: a single shard that serves nothing else; it allocates the cache
+        the list needs when it has less)."""
         assert self.ctx.tp_size == 1 and self.ctx.pp_size == 1, "scoring runs on one shard"
-        blocks = -(-len(token_ids) // self.block_size)
+        block_size = self.block_size or 16
+        blocks = -(-len(token_ids) // block_size)
         if not self.kv_caches or blocks > self.kv_caches[0].keys.shape[1]:
-            raise ValueError(f"{len(token_ids)} tokens need {blocks} KV blocks; allocate them "
-                             "first (allocate_kv)")
+            self.allocate_kv(blocks, block_size)
         seq = SequenceStep(0, list(token_ids), 0, list(range(blocks)), False, SamplingParams(),
                            0, 0)
         out = self._forward([seq], None)

@@ -99,8 +99,6 @@ def activation_maxima(model_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
             hooks.append(module.register_forward_pre_hook(record))
     window = min(CALIBRATION_WINDOW, shard.shape.max_context_len)
     windows = calibration_windows(AutoTokenizer.from_pretrained(model_dir), window)
-    block_size = 16
-    shard.allocate_kv(-(-window // block_size), block_size)
     for window in windows:
         shard.score(window)
     for hook in hooks:
