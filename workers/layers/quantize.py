@@ -41,8 +41,8 @@ def int8_per_row(weight: torch.Tensor,
     if row_absmax is None:
         row_absmax = weight.abs().amax(dim=1)
     # An all-zero row keeps scale 1 (its q is 0 either way), so no division by zero.
-    scale = torch.where(row_absmax > 0, row_absmax.float() / 127, torch.ones_like(row_absmax,
-                                                                                 dtype=torch.float32))
+    absmax = row_absmax.float()
+    scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
     q = torch.round(weight.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
