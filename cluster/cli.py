@@ -3,8 +3,10 @@
     shardserve serve [--config deploy/cpu-single-node.yaml] [--address auto|HOST:PORT]
     shardserve generate "prompt" [--chat] [--stream] [--max-tokens N] [--target HOST:PORT]
     shardserve plan --model DIR [--dtype float16] [--memory 16GiB] [--seq-len 4096]
-    shardserve quality [--model M] [--quantization int8-weight,llm-int8] [--text FILE]
+    shardserve quality [--model M] [--quantization int8-weight,llm-int8] [--sparsity none,2:4]
+                       [--text FILE]
     shardserve smooth --model M --out DIR [--alpha 0.5]
+    shardserve compress --model M --out DIR [--quantization Q] [--sparsity 2:4]
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import QUANTIZATIONS
+from .config import QUANTIZATIONS, SPARSITIES, SPARSITY_SCORES
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -43,16 +45,56 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_quality(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .quality import report, run
+    from .quality import Compression, report, run
 
     text = Path(args.text)
-    quantizations = args.quantization.split(",")
-    unknown = [q for q in quantizations if q not in QUANTIZATIONS]
-    if unknown:
-        print(f"error: unknown quantization {', '.join(unknown)}; choose from "
-              f"{', '.join(QUANTIZATIONS)}", file=sys.stderr)
+    quantizations, sparsities = args.quantization.split(","), args.sparsity.split(",")
+    for kind, given, known in (("quantization", quantizations, QUANTIZATIONS),
+                               ("sparsity", sparsities, SPARSITIES)):
+        unknown = [q for q in given if q not in known]
+        if unknown:
+            print(f"error: unknown {kind} {', '.join(unknown)}; choose from "
+                  f"{', '.join(known)}", file=sys.stderr)
+            return 2
+    # every combination asked for that the server would serve (2:4 takes int8-weight at most)
+    compressions = [Compression(q, s) for s in sparsities for q in quantizations
+                    if s == "none" or q in ("none", "int8-weight")]
+    print(report(run(args.model, compressions, text, args.window, args.dtype,
+                     sparsity_score=args.sparsity_score), text))
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shardserve.workers.compress import write_compressed
+    from shardserve.workers.loader import resolve_model
+
+    from .config import EngineConfig
+
+    out = Path(args.out)
+    if out.exists():
+        print(f"error: {out} exists; choose a new directory", file=sys.stderr)
         return 2
-    print(report(run(args.model, quantizations, text, args.window, args.dtype), text))
+    try:  # the combinations the server refuses are refused here, with the same words
+        EngineConfig(model=args.model, quantization=args.quantization, sparsity=args.sparsity,
+                     sparsity_score=args.sparsity_score, smoothquant_alpha=args.alpha)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.recover_minutes and args.sparsity != "2:4":
+        print("error: --recover-minutes fine-tunes a 2:4-pruned model; add --sparsity 2:4",
+              file=sys.stderr)
+        return 2
+    recovery = None
+    if args.recover_minutes:
+        from shardserve.workers.distillation import DistillConfig
+
+        recovery = DistillConfig(seconds=args.recover_minutes * 60)
+    write_compressed(resolve_model(args.model), out, args.quantization, args.sparsity,
+                     args.sparsity_score, args.alpha, recovery)
+    print(f"wrote {out} ({args.quantization} weights, sparsity {args.sparsity}); serve it with "
+          f"model: {out} (no calibration at start)")
     return 0
 
 
@@ -88,6 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine_config = engine_config.with_overrides(model=args.model)
     if args.quantization:
         engine_config = engine_config.with_overrides(quantization=args.quantization)
+    if args.sparsity:
+        engine_config = engine_config.with_overrides(sparsity=args.sparsity)
 
     import ray
 
@@ -108,7 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     kv_reason = ("auto: the model's dtype, token-exact" if engine_config.kv_cache_dtype == "auto"
                  else "as configured")
     weights = (f"weights {info['weight_bytes'] / 2 ** 20:.0f} MiB"
-               + ("" if info["quantization"] == "none" else f" ({info['quantization']})"))
+               + "".join(f" ({info[k]})" for k in ("quantization", "sparsity")
+                         if info[k] != "none"))
     print(f"model dtype {info['dtype']} ({info['dtype_reason']}), {weights}; KV cache "
           f"{info['kv_cache_dtype']} ({kv_reason}), {info['kv_cache_tokens']} tokens; "
           f"{info['threads']} CPU threads per shard", flush=True)
@@ -184,16 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--quantization", choices=QUANTIZATIONS,
                        help="override the config's quantization (int8-weight: int8 weights, "
                             "a quarter of float32's bytes)")
+    serve.add_argument("--sparsity", choices=SPARSITIES,
+                       help="override the config's sparsity (2:4: two of every four weights "
+                            "pruned at start, stored compactly)")
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="gRPC port (default 50051)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 9400)")
     serve.set_defaults(func=cmd_serve)
 
-    quality = sub.add_parser("quality", help="perplexity of the model, and with a quantization, "
-                                             "on a fixed English text")
+    quality = sub.add_parser("quality", help="perplexity of the model, and with a quantization "
+                                             "or sparsity, on a fixed English text")
     quality.add_argument("--model", default="smollm2")
     quality.add_argument("--quantization", default="none",
                          help=f"one or several, comma-separated: {', '.join(QUANTIZATIONS)}")
+    quality.add_argument("--sparsity", default="none",
+                         help=f"one or several, comma-separated: {', '.join(SPARSITIES)} "
+                              "(each with each quantization that composes with it)")
+    quality.add_argument("--sparsity-score", default="activation", choices=SPARSITY_SCORES)
     quality.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     quality.add_argument("--text", default="/usr/share/common-licenses/GPL-3",
                          help="plain-text file to score (default: Debian's GPL-3)")
@@ -206,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     smooth.add_argument("--out", required=True)
     smooth.add_argument("--alpha", type=float, default=0.5, help="migration strength in [0, 1]")
     smooth.set_defaults(func=cmd_smooth)
+
+    compress = sub.add_parser("compress", help="write a quantized and/or 2:4-pruned copy of a "
+                                               "model, to serve without calibrating again")
+    compress.add_argument("--model", default="smollm2")
+    compress.add_argument("--out", required=True)
+    compress.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
+    compress.add_argument("--sparsity", default="none", choices=SPARSITIES)
+    compress.add_argument("--sparsity-score", default="activation", choices=SPARSITY_SCORES)
+    compress.add_argument("--recover-minutes", type=float, default=0,
+                          help="2:4: fine-tune the pruned model towards the dense one for "
+                               "this long (distillation on Debian's texts), then write it")
+    compress.add_argument("--alpha", type=float, default=0.5,
+                          help="SmoothQuant's migration strength in [0, 1]")
+    compress.set_defaults(func=cmd_compress)
 
     gen = sub.add_parser("generate", help="send a prompt to a running server")
     gen.add_argument("prompt")

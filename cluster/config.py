@@ -85,6 +85,8 @@ class SchedulerConfig:
 
 QUANTIZATIONS = ("none", "int8-weight", "w8a8-smoothquant", "llm-int8")
 CPU_GEMMS = ("auto", "panels", "onednn")
+SPARSITIES = ("none", "2:4")
+SPARSITY_SCORES = ("activation", "magnitude")
 
 
 @dataclass
@@ -106,6 +108,13 @@ class EngineConfig:
     smoothquant_alpha: float = 0.5
     # llm-int8: input features with any |x| above this are multiplied in float32.
     llm_int8_threshold: float = 6.0
+    # 2:4: two of every four input weights of each decoder linear zeroed once at start (the
+    # pruned copy is cached), stored as values plus places (about 9/16 of float32's bytes, or
+    # 3/4 of int8's); composes with int8-weight. Changes the model's outputs (README).
+    sparsity: str = "none"
+    # which two stay: activation (|W| times the input channel's norm on a calibration text,
+    # Wanda) or magnitude (|W|)
+    sparsity_score: str = "activation"
     # CPU layout of float32 weights: panels (our gemm.c), onednn, or auto (oneDNN on Intel
     # CPUs, the panels elsewhere: what measured faster on each, bench/README.md).
     cpu_gemm: str = "auto"
@@ -164,6 +173,12 @@ class EngineConfig:
              f"{self.quantization!r}"),
             (self.llm_int8_threshold > 0, "llm_int8_threshold must be > 0"),
             (0 <= self.smoothquant_alpha <= 1, "smoothquant_alpha must be in [0, 1]"),
+            (self.sparsity in SPARSITIES, f"sparsity must be none or 2:4, got {self.sparsity!r}"),
+            (self.sparsity_score in SPARSITY_SCORES,
+             f"sparsity_score must be activation or magnitude, got {self.sparsity_score!r}"),
+            (self.sparsity == "none" or self.quantization in ("none", "int8-weight"),
+             f"sparsity 2:4 composes with quantization none or int8-weight, not "
+             f"{self.quantization} (its int8 x int8 kernel is dense)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,4 +1,5 @@
-"""`shardserve quality`: what a quantization costs in perplexity, beside the unmodified model.
+"""`shardserve quality`: what a quantization or 2:4 sparsity costs in perplexity, beside the
+unmodified model.
 
 Perplexity is measured on a fixed real English text that every Debian machine has, read at
 run time (never copied into this repository): by default Debian's copy of the GPL-3. The text
@@ -17,9 +18,21 @@ from pathlib import Path
 EVALUATION_TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 
+@dataclass(frozen=True)
+class Compression:
+    """One way of serving the weights, as the engine config names it."""
+    quantization: str = "none"
+    sparsity: str = "none"
+
+    @property
+    def label(self) -> str:
+        parts = [p for p in (self.sparsity, self.quantization) if p != "none"]
+        return "+".join(parts) or "none"
+
+
 @dataclass
 class Quality:
-    quantization: str
+    compression: Compression
     perplexity: float
     tokens_scored: int
     weight_bytes: int
@@ -32,31 +45,34 @@ def text_windows(tokenizer, text: str, window: int) -> list[list[int]]:
     return [w for w in windows if len(w) >= 2]
 
 
-def measure(model: str, quantization: str, windows: list[list[int]], dtype: str,
-            progress: bool = True) -> Quality:
-    """Perplexity of `model` with `quantization` over the windows, on one in-process shard."""
+def measure(model: str, compression: Compression, windows: list[list[int]], dtype: str,
+            progress: bool = True, sparsity_score: str = "activation") -> Quality:
+    """Perplexity of `model` served as `compression` over the windows, on one in-process
+    shard."""
     from tqdm import tqdm
 
     from shardserve.workers.shard import Shard, ShardSpec
 
     start = time.perf_counter()
-    shard = Shard(ShardSpec(model=model, dtype=dtype, quantization=quantization))
+    shard = Shard(ShardSpec(model=model, dtype=dtype, quantization=compression.quantization,
+                            sparsity=compression.sparsity, sparsity_score=sparsity_score))
     total, count = 0.0, 0
-    bar = tqdm(windows, desc=f"{quantization:>12}", unit="window", disable=not progress)
+    bar = tqdm(windows, desc=f"{compression.label:>16}", unit="window", disable=not progress)
     for w in bar:
         logprobs = shard.score(w)
         total -= sum(logprobs)
         count += len(logprobs)
         bar.set_postfix(perplexity=f"{math.exp(total / count):.3f}")
-    quality = Quality(quantization, math.exp(total / count), count, shard.weights_bytes(),
+    quality = Quality(compression, math.exp(total / count), count, shard.weights_bytes(),
                       time.perf_counter() - start)
     shard.shutdown()
     return quality
 
 
-def run(model: str, quantizations: list[str], text: Path = EVALUATION_TEXT, window: int = 512,
-        dtype: str = "float32", progress: bool = True) -> list[Quality]:
-    """The unmodified model's quality, then each quantization's, in one run."""
+def run(model: str, compressions: list[Compression], text: Path = EVALUATION_TEXT,
+        window: int = 512, dtype: str = "float32", progress: bool = True,
+        sparsity_score: str = "activation") -> list[Quality]:
+    """The unmodified model's quality, then each compression's, in one run."""
     from transformers import AutoTokenizer
 
     from shardserve.workers.loader import resolve_model
@@ -66,17 +82,17 @@ def run(model: str, quantizations: list[str], text: Path = EVALUATION_TEXT, wind
                                 "(Debian ships /usr/share/common-licenses/*)")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     windows = text_windows(tokenizer, text.read_text(errors="replace"), window)
-    return [measure(model, q, windows, dtype, progress)
-            for q in ["none"] + [q for q in quantizations if q != "none"]]
+    return [measure(model, c, windows, dtype, progress, sparsity_score)
+            for c in [Compression()] + [c for c in compressions if c != Compression()]]
 
 
 def report(results: list[Quality], text: Path) -> str:
     base = results[0]
     lines = [f"perplexity on {text} ({base.tokens_scored} tokens scored)",
-             f"{'quantization':>16} {'perplexity':>11} {'delta':>9} {'weights MiB':>12} "
+             f"{'weights':>24} {'perplexity':>11} {'delta':>9} {'weights MiB':>12} "
              f"{'seconds':>8}"]
     for q in results:
         delta = q.perplexity - base.perplexity
-        lines.append(f"{q.quantization:>16} {q.perplexity:>11.4f} {delta:>+9.4f} "
+        lines.append(f"{q.compression.label:>24} {q.perplexity:>11.4f} {delta:>+9.4f} "
                      f"{q.weight_bytes / 2 ** 20:>12.1f} {q.seconds:>8.1f}")
     return "\n".join(lines)

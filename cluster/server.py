@@ -178,7 +178,7 @@ class GenerationServicer:
         return pb.ModelInfoResponse(
             model=self.model_name, architecture=shape.architecture,
             dtype=first_shard["dtype"], kv_cache_dtype=first_shard["kv_cache_dtype"],
-            quantization=first_shard["quantization"],
+            quantization=first_shard["quantization"], sparsity=first_shard["sparsity"],
             weight_bytes=sum(s["weight_bytes"] for s in engine.executor.describe()["shards"]),
             vocab_size=shape.vocab_size,
             max_model_len=engine.max_model_len, num_layers=shape.num_layers,

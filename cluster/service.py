@@ -30,6 +30,7 @@ class Listening:
     dtype_reason: str
     kv_cache_dtype: str
     quantization: str
+    sparsity: str
     weight_bytes: int  # summed over one replica's shards
     cpu_gemm: str  # the CPU weight layout and why ("" on GPU)
     cpu_gemm_reason: str
@@ -64,7 +65,7 @@ class ServerActor:
         shard = shards[0]
         listening = Listening(port, metrics_port, c.host, ray.util.get_node_ip_address(),
                               shard["dtype"], shard["dtype_reason"], shard["kv_cache_dtype"],
-                              shard["quantization"], sum(s["weight_bytes"] for s in shards),
+                              shard["quantization"], shard["sparsity"], sum(s["weight_bytes"] for s in shards),
                               shard["cpu_gemm"], shard["cpu_gemm_reason"],
                               self.router.engine.kv.capacity_tokens, shard["threads"])
         log.info("serving %s on %s:%d", self.engine_config.model, c.host, port)

@@ -169,7 +169,7 @@ class ReplicaInfo(_message.Message):
     def __init__(self, replica: _Optional[int] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., finished: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "dtype", "vocab_size", "max_model_len", "num_layers", "num_attention_heads", "num_key_value_heads", "tensor_parallel_size", "pipeline_parallel_size", "replicas", "sequence_parallel", "kv_block_size", "kv_num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "scheduling_policy", "shards", "eos_token_ids", "replica_states", "kv_cache_dtype", "quantization", "weight_bytes")
+    __slots__ = ("model", "architecture", "dtype", "vocab_size", "max_model_len", "num_layers", "num_attention_heads", "num_key_value_heads", "tensor_parallel_size", "pipeline_parallel_size", "replicas", "sequence_parallel", "kv_block_size", "kv_num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_waiting_requests", "scheduling_policy", "shards", "eos_token_ids", "replica_states", "kv_cache_dtype", "quantization", "weight_bytes", "sparsity")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class ModelInfoResponse(_message.Message):
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     dtype: str
@@ -218,7 +219,8 @@ class ModelInfoResponse(_message.Message):
     kv_cache_dtype: str
     quantization: str
     weight_bytes: int
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., replicas: _Optional[int] = ..., sequence_parallel: _Optional[bool] = ..., kv_block_size: _Optional[int] = ..., kv_num_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., scheduling_policy: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., replica_states: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., kv_cache_dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    sparsity: str
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., replicas: _Optional[int] = ..., sequence_parallel: _Optional[bool] = ..., kv_block_size: _Optional[int] = ..., kv_num_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., scheduling_policy: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., replica_states: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., kv_cache_dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., sparsity: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "add_special_tokens")

@@ -121,7 +121,7 @@ def test_quality_prints_perplexity_beside_the_unmodified_model(tiny_model, tmp_p
     lines = result.stdout.splitlines()
     assert lines[0] == f"perplexity on {text} (295 tokens scored)"
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
-    assert set(rows) == {"none", "int8-weight", "llm-int8"}
+    assert set(rows) == {"none", "int8-weight", "llm-int8"}  # the label is the first word
     assert rows["none"][1] == "+0.0000"
     assert float(rows["int8-weight"][2]) < float(rows["none"][2])  # fewer weight bytes
     bad = subprocess.run([*SHARDSERVE, "quality", "--quantization", "int4"],

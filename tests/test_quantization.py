@@ -19,7 +19,7 @@ from tiny import (hf_greedy, largest_logprob_difference, mean_greedy_agreement,
 from transformers import AutoModelForCausalLM
 
 from shardserve import LLM, SamplingParams
-from shardserve.cluster.quality import measure, text_windows
+from shardserve.cluster.quality import Compression, measure, text_windows
 from shardserve.workers.layers.quantize import int8_per_row
 
 # The largest |logprob difference| of a token both models chose on the tiny models (measured
@@ -133,8 +133,8 @@ def test_smollm2_stays_within_tolerance(smollm2_dir, scheme):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     windows = text_windows(tokenizer, open("/usr/share/common-licenses/GPL-3").read()[:6000],
                            256)
-    base = measure(str(smollm2_dir), "none", windows, "float32", progress=False)
-    quantized = measure(str(smollm2_dir), scheme, windows, "float32", progress=False)
+    base = measure(str(smollm2_dir), Compression(), windows, "float32", progress=False)
+    quantized = measure(str(smollm2_dir), Compression(scheme), windows, "float32", progress=False)
     print(f"perplexity {base.perplexity:.4f} -> {quantized.perplexity:.4f} ({scheme})")
     assert 0 < abs(quantized.perplexity / base.perplexity - 1) <= largest_change
     # The linear layers' 424 MB become 106 MB; the embedding and the LM head (113 MB each)
@@ -149,7 +149,7 @@ def test_perplexity_is_transformers_perplexity(smollm2_dir):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     text = open("/usr/share/common-licenses/GPL-3").read()[:6000]
     windows = text_windows(tokenizer, text, 256)
-    base = measure(str(smollm2_dir), "none", windows, "float32", progress=False)
+    base = measure(str(smollm2_dir), Compression(), windows, "float32", progress=False)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     nll, count = 0.0, 0
     with torch.inference_mode():

@@ -88,6 +88,11 @@ def test_unknown_engine_option():
     ({"smoothquant_alpha": 1.5}, "smoothquant_alpha must be in"),
     ({"llm_int8_threshold": 0}, "llm_int8_threshold must be > 0"),
     ({"cpu_gemm": "mkl"}, "cpu_gemm must be auto, panels or onednn"),
+    ({"sparsity": "1:4"}, "sparsity must be none or 2:4, got '1:4'"),
+    ({"sparsity": "2:4", "sparsity_score": "random"},
+     "sparsity_score must be activation or magnitude, got 'random'"),
+    ({"sparsity": "2:4", "quantization": "w8a8-smoothquant"},
+     "sparsity 2:4 composes with quantization none or int8-weight, not w8a8-smoothquant"),
 ])
 def test_bad_compression_options_are_refused_at_start(options, message):
     from shardserve.cluster.config import EngineConfig

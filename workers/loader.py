@@ -47,6 +47,9 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self._files)
 
+    def has(self, name: str) -> bool:
+        return name in self._files
+
     def get(self, name: str):
         """A lazy slice: index it (`t[a:b]`, `t[:, a:b]`, `t[:]`) to read just those elements."""
         if name not in self._files:

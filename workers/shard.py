@@ -20,6 +20,7 @@ import torch.distributed as dist
 from .layers.attention import LayerKVCache, Workspace, build_metadata
 from .layers.cpu_gemm import PackableLinear, resolve_cpu_gemm
 from .layers.quantize import quantize_linears
+from .compress import compressed_checkpoint, mark_2_4_sparse
 from .layers.sampler import sample
 from .loader import CheckpointReader, resolve_model
 from .memory import host_memory, human_bytes
@@ -41,6 +42,8 @@ class ShardSpec:
     quantization: str = "none"  # workers/layers/quantize.py
     smoothquant_alpha: float = 0.5  # migration strength (workers/smoothquant.py)
     llm_int8_threshold: float = 6.0  # outlier magnitude (workers/layers/quantize.py)
+    sparsity: str = "none"  # none or 2:4 (workers/sparsity.py)
+    sparsity_score: str = "activation"  # which two of four weights stay
     cpu_gemm: str = "auto"  # float32 weight layout on CPU (workers/layers/cpu_gemm.py)
     device: str = "auto"  # auto: cuda when this process sees a GPU, else cpu
     tp_rank: int = 0
@@ -174,10 +177,7 @@ class Shard:
             raise FileNotFoundError(f"the shard for pipeline stage {spec.pp_rank}, tensor rank "
                                     f"{spec.tp_rank} on node {where_this_runs()} cannot load "
                                     f"the model: {e}") from None
-        if spec.quantization == "w8a8-smoothquant":
-            from .smoothquant import smoothquant_checkpoint
-
-            model_dir = smoothquant_checkpoint(model_dir, spec.smoothquant_alpha)
+        model_dir, self.quantization, self.sparsity = compressed_checkpoint(model_dir, spec)
         hf_config = AutoConfig.from_pretrained(model_dir)
         self.shape: ModelShape = model_shape(hf_config)
         layer_range = spec.layer_range or (0, self.shape.num_layers)
@@ -186,12 +186,15 @@ class Shard:
                                           self.dtype, self.device)
         self.model.load(CheckpointReader(model_dir))
         self.model.eval()
-        quantize_linears(self.model, spec.quantization, self.ctx, spec.llm_int8_threshold)
+        if self.sparsity == "2:4":
+            mark_2_4_sparse(self.model, self.ctx)
+        quantize_linears(self.model, self.quantization, self.ctx, spec.llm_int8_threshold)
         self.cpu_gemm, self.cpu_gemm_reason = (resolve_cpu_gemm(spec.cpu_gemm)
                                                if self.device.type == "cpu" else ("", "GPU"))
         for module in self.model.modules():
             if isinstance(module, PackableLinear):
                 module.pack_for_cpu(self.cpu_gemm)
+                module.pack_for_cuda()
         self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
         self.workspace = Workspace(self.kv_cache_dtype, self.device)
@@ -340,7 +343,8 @@ class Shard:
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "dtype_reason": self.dtype_reason,
                 "kv_cache_dtype": str(self.kv_cache_dtype).replace("torch.", ""),
-                "quantization": self.spec.quantization, "weight_bytes": self.weights_bytes(),
+                "quantization": self.quantization, "sparsity": self.sparsity,
+                "weight_bytes": self.weights_bytes(),
                 "cpu_gemm": self.cpu_gemm, "cpu_gemm_reason": self.cpu_gemm_reason,
                 "memory_domain": f"{node}:{domain}",
                 "layers": list(self.model.layer_range), "tp_rank": self.spec.tp_rank,

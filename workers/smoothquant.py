@@ -13,26 +13,22 @@ The smoothed model is an ordinary Hugging Face checkpoint (transformers loads it
 what the original computes, up to float rounding); it is written once per (model, alpha) into
 the cache, with its settings in config.json under `shardserve_smoothquant`, and every shard of
 every layout loads it and quantizes its own slices (workers/layers/quantize.py). Calibration
-reads Debian's Apache-2.0 and GPL-2 licence texts at run time; perplexity is evaluated on the
-GPL-3 (cluster/quality.py), a different text.
+runs on the texts workers/calibration.py names.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 
+from .calibration import (CALIBRATION_TEXTS, cache_key, copy_side_files, input_statistics,
+                          read_tensors)
+
 log = logging.getLogger(__name__)
 
-CALIBRATION_TEXTS = (Path("/usr/share/common-licenses/Apache-2.0"),
-                     Path("/usr/share/common-licenses/GPL-2"))
-CALIBRATION_WINDOW = 512
-CALIBRATION_WINDOWS = 8  # 4096 tokens
 MARKER = "shardserve_smoothquant"
 
 
@@ -48,63 +44,9 @@ def smoothquant_checkpoint(model_dir: Path, alpha: float) -> Path:
         return model_dir
     from .loader import build_once, cache_dir
 
-    key = [str(model_dir.resolve()), repr(alpha)]
-    for f in sorted(model_dir.glob("*.safetensors")) + list(CALIBRATION_TEXTS):
-        stat = f.stat()
-        key.append(f"{f}:{stat.st_size}:{stat.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:12]
+    digest = cache_key(model_dir, repr(alpha))
     target = cache_dir() / "models" / f"{model_dir.name}-smoothquant-{digest}"
     return build_once(target, lambda tmp: write_smoothed(model_dir, alpha, tmp))
-
-
-def calibration_windows(tokenizer, window: int = CALIBRATION_WINDOW) -> list[list[int]]:
-    """Up to CALIBRATION_WINDOWS consecutive windows of `window` tokens of the texts."""
-    missing = [str(p) for p in CALIBRATION_TEXTS if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"SmoothQuant calibrates on Debian's licence texts; missing: "
-                                f"{', '.join(missing)} (apt-get install base-files)")
-    windows = []
-    for path in CALIBRATION_TEXTS:
-        ids = tokenizer(path.read_text(errors="replace"), add_special_tokens=False)["input_ids"]
-        windows += [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
-    if not windows:
-        raise ValueError(f"the calibration texts give fewer than {window} tokens with this "
-                         "model's tokenizer; SmoothQuant cannot calibrate")
-    return windows[:CALIBRATION_WINDOWS]
-
-
-def activation_maxima(model_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """max |x| per input channel of every linear layer's input over the calibration text,
-    keyed by checkpoint prefix (model.layers.N.self_attn.qkv, .mlp.gate_up, .mlp.down), and
-    how many tokens that was."""
-    from transformers import AutoTokenizer
-
-    from .layers.linear import ColumnParallelLinear, RowParallelLinear
-    from .shard import Shard, ShardSpec
-
-    shard = Shard(ShardSpec(model=str(model_dir), dtype="float32"))
-    maxima: dict[str, torch.Tensor] = {}
-    hooks = []
-    for index, layer in enumerate(shard.model.layers):
-        prefix = f"model.layers.{index}"
-        for name, module in ((f"{prefix}.self_attn.qkv", layer.self_attn.qkv_proj),
-                             (f"{prefix}.mlp.gate_up", layer.mlp.gate_up_proj),
-                             (f"{prefix}.mlp.down", layer.mlp.down_proj)):
-            assert isinstance(module, (ColumnParallelLinear, RowParallelLinear))
-
-            def record(_module, args, name=name):
-                seen = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-                maxima[name] = torch.maximum(maxima[name], seen) if name in maxima else seen
-
-            hooks.append(module.register_forward_pre_hook(record))
-    window = min(CALIBRATION_WINDOW, shard.shape.max_context_len)
-    windows = calibration_windows(AutoTokenizer.from_pretrained(model_dir), window)
-    for window in windows:
-        shard.score(window)
-    for hook in hooks:
-        hook.remove()
-    shard.shutdown()
-    return maxima, sum(len(w) for w in windows)
 
 
 def smoothing_factors(act_max: torch.Tensor, weights: list[torch.Tensor],
@@ -116,15 +58,11 @@ def smoothing_factors(act_max: torch.Tensor, weights: list[torch.Tensor],
 
 
 def write_smoothed(model_dir: Path, alpha: float, out: Path) -> None:
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    maxima, calibration_tokens = activation_maxima(model_dir)
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as source:
-            for name in source.keys():
-                tensors[name] = source.get_tensor(name).float()
+    stats, calibration_tokens = input_statistics(model_dir)
+    maxima = {name: s.absmax for name, s in stats.items()}
+    tensors = {name: t.float() for name, t in read_tensors(model_dir).items()}
     num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     for i in range(num_layers):
         p = f"model.layers.{i}"
@@ -146,9 +84,7 @@ def write_smoothed(model_dir: Path, alpha: float, out: Path) -> None:
     out.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    for f in model_dir.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
-            shutil.copy(f, out / f.name)
+    copy_side_files(model_dir, out)
     config = json.loads((model_dir / "config.json").read_text())
     config[MARKER] = {"alpha": alpha, "smoothed_from": str(model_dir),
                       "calibration": [str(p) for p in CALIBRATION_TEXTS],

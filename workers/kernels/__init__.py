@@ -1,7 +1,7 @@
 """Native CPU kernels, compiled on first use with the system C compiler.
 
 - paged_attention.c: decode attention over the paged KV cache;
-- gemm.c: float32 x float32 or int8 weights, over weights packed in panels;
+- gemm.c: float32 x float32 or int8 weights, dense or 2:4 sparse, packed in panels;
 - gemm_int8.c: int8 x int8 (W8A8) with activations quantized per row, VNNI where the CPU has it;
 - fused.c: a decoder layer's element-wise steps (RMSNorm with the residual add, SiLU-and-mul,
   rotary with the cache write), built with -ffp-contract=off so they round as torch does;
@@ -143,8 +143,8 @@ def gemm_int8_library() -> ctypes.CDLL | None:
 def gemm_library() -> ctypes.CDLL | None:
     lib = _library("gemm")
     if lib is not None and not lib.linear_panels.argtypes:
-        lib.linear_panels.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, i64, i64, ptr, ptr,
-                                      i64, ctypes.c_int]
+        lib.linear_panels.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int, ptr, i64, i64,
+                                      ptr, ptr, i64, ctypes.c_int]
         lib.linear_panels.restype = None
         lib.gemm_panel_width.restype = i64
     return lib

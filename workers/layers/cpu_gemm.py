@@ -12,7 +12,10 @@ prefills 11-25% faster and gives up to 15% more throughput. So auto is oneDNN on
 panels elsewhere. GPU weights stay as they are (`F.linear`).
 
 int8 weights (quantization `int8-weight`, workers/layers/quantize.py) always take the panels
-on CPU: gemm.c widens them in registers, so they stream at a quarter of float32's bytes.
+on CPU: gemm.c widens them in registers, so they stream at a quarter of float32's bytes. So do
+2:4 sparse weights (sparsity `2:4`, workers/sparsity.py), float32 or int8, packed as their
+kept values and places (the zeros are not stored); on CUDA those become torch's
+semi-structured sparse tensors (16-bit weights) where the GPU has sparse tensor cores.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class PackableLinear(nn.Module):
 
     weight: nn.Parameter
     bias: nn.Parameter | None
-    packed: str | None = None  # "panels" (gemm.c) or "onednn"
+    packed: str | None = None  # "panels" (gemm.c), "panels-2:4", "w8a8", "onednn" or "cuda-2:4"
     out_features = 0
     weight_scale: nn.Parameter | None  # int8 weights: float32, one per output row
     # int8 activations too (W8A8): each row of x is quantized to int8 on the fly
@@ -42,11 +45,16 @@ class PackableLinear(nn.Module):
     # LLM.int8: input columns holding any |x| above this stay out of the int8 product and
     # are multiplied in float32 (against the dequantized int8 weights) and added back
     outlier_threshold: float | None = None
+    # two of every four consecutive input weights of a row are zero: pack them compactly
+    sparse_24 = False
+    # int8 scales read from a saved quantized checkpoint (quantize.py uses them as they are)
+    loaded_scale: torch.Tensor | None = None
 
     def __init__(self):
         super().__init__()
         self.register_parameter("weight_scale", None)
         self.register_parameter("weight_colsum", None)  # W8A8 on CPU: sum of each column
+        self.register_parameter("weight_places", None)  # 2:4 on CPU: where kept values sit
 
     def set_int8_weight(self, q: torch.Tensor, scale: torch.Tensor,
                         int8_activations: bool = False) -> None:
@@ -74,6 +82,15 @@ class PackableLinear(nn.Module):
                                        requires_grad=False)
             self.packed = "w8a8"
             return self.packed
+        if self.sparse_24 and (int8 or weight.dtype == torch.float32):
+            lib = gemm_library()
+            if lib is None:  # no C compiler: the zeros are multiplied as they are
+                return None
+            values, places = pack_panels_24(weight, lib.gemm_panel_width())
+            self.weight_places = nn.Parameter(places, requires_grad=False)
+            self.weight = nn.Parameter(values, requires_grad=False)
+            self.packed = "panels-2:4"
+            return self.packed
         panels = int8 or (weight.dtype == torch.float32 and layout == "panels")
         lib = gemm_library() if panels else None
         if lib is not None:
@@ -89,6 +106,26 @@ class PackableLinear(nn.Module):
         else:
             return None
         self.weight = nn.Parameter(packed, requires_grad=False)
+        return self.packed
+
+    def pack_for_cuda(self) -> str | None:
+        """2:4 sparse 16-bit weights on a GPU with sparse tensor cores (compute capability 8.0
+        or newer) become torch's semi-structured sparse tensors, which F.linear multiplies
+        with cuSPARSELt or CUTLASS. Anything else (int8 weights, float32, shapes the kernels
+        do not take) stays dense: the zeros are multiplied."""
+        weight = self.weight.detach()
+        if (self.packed or not self.sparse_24 or weight.device.type != "cuda"
+                or weight.dtype not in (torch.float16, torch.bfloat16)
+                or torch.cuda.get_device_capability(weight.device)[0] < 8):
+            return self.packed
+        from torch.sparse import to_sparse_semi_structured
+
+        try:
+            sparse = to_sparse_semi_structured(weight)
+        except (RuntimeError, ValueError):  # e.g. a dimension not a multiple of 64
+            return None
+        self.weight = nn.Parameter(sparse, requires_grad=False)
+        self.packed = "cuda-2:4"
         return self.packed
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -108,16 +145,20 @@ class PackableLinear(nn.Module):
         if self.int8_activations:  # W8A8 without gemm_int8.c (a GPU, or no C compiler)
             y = w8a8_reference(x, self.weight, scale, self.activation_absmax(x))
             return y if bias is None else y + bias
-        if self.packed == "panels":
+        if self.packed in ("panels", "panels-2:4"):
+            places = self.weight_places
             if scale is None:
-                return linear_panels(x, self.weight, self.out_features, bias)
+                return linear_panels(x, self.weight, self.out_features, bias, places=places)
             # gemm.c sums int8 weights against float32 activations (bf16 models convert).
             y = linear_panels(x.float(), self.weight, self.out_features,
-                              None if bias is None else bias.float(), scale)
+                              None if bias is None else bias.float(), scale, places)
             return y.to(x.dtype)
         if scale is not None:  # int8 weights without gemm.c (a GPU, or no C compiler)
             y = F.linear(x, self.weight.to(x.dtype)) * scale.to(x.dtype)
             return y if bias is None else y + bias
+        if self.packed == "cuda-2:4":  # the sparse kernels take 2-D inputs
+            y = F.linear(x.reshape(-1, x.shape[-1]), self.weight, bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
         if self.packed == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, bias, "none",
                                                       [], "")
@@ -185,6 +226,33 @@ def pack_panels(weight: torch.Tensor, width: int) -> torch.Tensor:
     return padded.view(panels, width, k).transpose(1, 2).contiguous()
 
 
+def pack_panels_24(weight: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2:4 sparse [n, k] -> (values [ceil(n / width), k / 4, 2, width], places uint8
+    [ceil(n / width), k / 4, width]): for each group of four k of a column, the two kept
+    weights and their places in the group (first | second << 2), zero-padded past n."""
+    n, k = weight.shape
+    if k % 4:
+        raise ValueError(f"2:4 sparsity needs the input size to be a multiple of 4, got {k}")
+    groups = weight.reshape(n, k // 4, 4)
+    kept = groups != 0
+    if (kept.sum(dim=-1) > 2).any():
+        raise ValueError("the weight is not 2:4 sparse: a group of four holds more than two "
+                         "nonzero values")
+    # The nonzero places first (then the lowest), in increasing order; a group with fewer
+    # than two nonzeros keeps a zero or two.
+    rank = kept.to(torch.int16) * 8 - torch.arange(4, dtype=torch.int16)
+    at = rank.topk(2, dim=-1).indices.sort(dim=-1).values  # [n, k / 4, 2]
+    values = groups.gather(-1, at)
+    places = (at[..., 0] | (at[..., 1] << 2)).to(torch.uint8)  # [n, k / 4]
+    panels = -(-n // width)
+    padded_values = torch.zeros(panels * width, k // 4, 2, dtype=weight.dtype)
+    padded_values[:n] = values
+    padded_places = torch.zeros(panels * width, k // 4, dtype=torch.uint8)
+    padded_places[:n] = places
+    return (padded_values.view(panels, width, k // 4, 2).permute(0, 2, 3, 1).contiguous(),
+            padded_places.view(panels, width, k // 4).transpose(1, 2).contiguous())
+
+
 def pack_w8a8(q: torch.Tensor, width: int) -> torch.Tensor:
     """int8 [n, k] -> [ceil(n / width), ceil(k / 4), width, 4]: four consecutive k of a column
     side by side (VNNI's layout), zero-padded."""
@@ -229,17 +297,19 @@ def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 
 def linear_panels(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None,
-                  scale: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: torch.Tensor | None = None,
+                  places: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., k] float32 times packed panels of float32, or of int8 with `scale` (float32, one
-    per output column)."""
-    k = packed.shape[1]
+    per output column); with `places`, the panels are 2:4 sparse (pack_panels_24)."""
+    k = packed.shape[1] * (4 if places is not None else 1)
     int8 = packed.dtype == torch.int8
     assert int8 == (scale is not None), "int8 panels come with their scales, float32 without"
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(x2.shape[0], n, dtype=x.dtype)
-    _linear_panels()(x2.data_ptr(), x2.shape[0], x2.stride(0), packed.data_ptr(), int(int8),
+    _linear_panels()(x2.data_ptr(), x2.shape[0], x2.stride(0), packed.data_ptr(),
+                     None if places is None else places.data_ptr(), int(int8),
                      None if scale is None else scale.data_ptr(), n, k,
                      None if bias is None else bias.data_ptr(), y.data_ptr(), n,
                      torch.get_num_threads())

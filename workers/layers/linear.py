@@ -35,11 +35,18 @@ class ColumnParallelLinear(PackableLinear):
         self.bias = (nn.Parameter(torch.empty(offset, dtype=dtype, device=device),
                                   requires_grad=False) if bias else None)
 
-    def load(self, part_id: str, weight_source, bias_source=None) -> None:
+    def load(self, part_id: str, weight_source, bias_source=None, scale_source=None) -> None:
+        """scale_source: a saved int8 checkpoint's scales (its weights are int8 values, held
+        exactly in this float weight until quantize.py makes them int8 again)."""
         start, end, offset = self.layout[part_id]
         self.weight[offset:offset + end - start].copy_(weight_source[start:end])
         if self.bias is not None:
             self.bias[offset:offset + end - start].copy_(bias_source[start:end])
+        if scale_source is not None:
+            if self.loaded_scale is None:
+                self.loaded_scale = torch.empty(self.weight.shape[0], dtype=torch.float32,
+                                                device=self.weight.device)
+            self.loaded_scale[offset:offset + end - start].copy_(scale_source[start:end])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -64,11 +71,13 @@ class RowParallelLinear(PackableLinear):
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
                                   requires_grad=False) if bias else None)
 
-    def load(self, weight_source, bias_source=None) -> None:
+    def load(self, weight_source, bias_source=None, scale_source=None) -> None:
         start, end = self.in_range
         self.weight.copy_(weight_source[:, start:end])
         if self.bias is not None:
             self.bias.copy_(bias_source[:])
+        if scale_source is not None:  # one per output row: every rank holds them all
+            self.loaded_scale = scale_source[:].float().to(self.weight.device)
 
     def activation_absmax(self, x: torch.Tensor) -> torch.Tensor | None:
         """W8A8: each rank holds a slice of every row of x; quantizing each slice over its own

@@ -59,10 +59,15 @@ def quantize_linears(model: nn.Module, scheme: str, ctx: ParallelContext,
         if not isinstance(module, PackableLinear) or isinstance(module, ParallelLMHead):
             continue
         weight = module.weight.detach()
-        absmax = weight.abs().amax(dim=1).float()
-        if isinstance(module, RowParallelLinear):
-            ctx.all_reduce_max(absmax)
-        module.set_int8_weight(*int8_per_row(weight, absmax),
+        if module.loaded_scale is not None:  # saved quantized: the int8 values as they were
+            q, scale = weight.round().clamp_(-127, 127).to(torch.int8), module.loaded_scale
+            module.loaded_scale = None
+        else:
+            absmax = weight.abs().amax(dim=1).float()
+            if isinstance(module, RowParallelLinear):
+                ctx.all_reduce_max(absmax)
+            q, scale = int8_per_row(weight, absmax)
+        module.set_int8_weight(q, scale,
                                int8_activations=scheme in ("w8a8-smoothquant", "llm-int8"))
         if scheme == "llm-int8":
             module.outlier_threshold = outlier_threshold

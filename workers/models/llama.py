@@ -22,6 +22,12 @@ from ..parallel import ParallelContext, split_range
 from . import ModelShape
 
 
+
+def _stored_scale(reader, prefix: str):
+    """The int8 scales of a checkpoint saved quantized (workers/compress.py), else None."""
+    name = f"{prefix}.weight_scale"
+    return reader.get(name) if reader.has(name) else None
+
 class LlamaAttention(nn.Module):
     def __init__(self, shape: ModelShape, ctx: ParallelContext, dtype, device):
         super().__init__()
@@ -42,9 +48,11 @@ class LlamaAttention(nn.Module):
     def load(self, reader, prefix: str) -> None:
         for name in ("q", "k", "v"):
             bias = reader.get(f"{prefix}.{name}_proj.bias") if self.qkv_proj.bias is not None else None
-            self.qkv_proj.load(name, reader.get(f"{prefix}.{name}_proj.weight"), bias)
+            self.qkv_proj.load(name, reader.get(f"{prefix}.{name}_proj.weight"), bias,
+                               _stored_scale(reader, f"{prefix}.{name}_proj"))
         bias = reader.get(f"{prefix}.o_proj.bias") if self.o_proj.bias is not None else None
-        self.o_proj.load(reader.get(f"{prefix}.o_proj.weight"), bias)
+        self.o_proj.load(reader.get(f"{prefix}.o_proj.weight"), bias,
+                         _stored_scale(reader, f"{prefix}.o_proj"))
 
     def forward(self, cos_sin, x, kv_cache: LayerKVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -73,9 +81,11 @@ class LlamaMLP(nn.Module):
     def load(self, reader, prefix: str) -> None:
         for name in ("gate", "up"):
             bias = reader.get(f"{prefix}.{name}_proj.bias") if self.gate_up_proj.bias is not None else None
-            self.gate_up_proj.load(name, reader.get(f"{prefix}.{name}_proj.weight"), bias)
+            self.gate_up_proj.load(name, reader.get(f"{prefix}.{name}_proj.weight"), bias,
+                                   _stored_scale(reader, f"{prefix}.{name}_proj"))
         bias = reader.get(f"{prefix}.down_proj.bias") if self.down_proj.bias is not None else None
-        self.down_proj.load(reader.get(f"{prefix}.down_proj.weight"), bias)
+        self.down_proj.load(reader.get(f"{prefix}.down_proj.weight"), bias,
+                            _stored_scale(reader, f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
