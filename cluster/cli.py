@@ -91,9 +91,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         from shardserve.workers.distillation import DistillConfig
 
         recovery = DistillConfig(seconds=args.recover_minutes * 60)
-    write_compressed(resolve_model(args.model), out, args.quantization, args.sparsity,
-                     args.sparsity_score, args.alpha, recovery)
-    print(f"wrote {out} ({args.quantization} weights, sparsity {args.sparsity}); serve it with "
+    quantization, sparsity = write_compressed(resolve_model(args.model), out,
+                                              args.quantization, args.sparsity,
+                                              args.sparsity_score, args.alpha, recovery)
+    print(f"wrote {out} (quantization {quantization}, sparsity {sparsity}); serve it with "
           f"model: {out} (no calibration at start)")
     return 0
 

@@ -74,8 +74,9 @@ def mark_2_4_sparse(model: nn.Module, ctx: ParallelContext) -> None:
 
 def write_compressed(model_dir: Path, out: Path, quantization: str, sparsity: str,
                      sparsity_score: str = "activation", smoothquant_alpha: float = 0.5,
-                     recovery=None) -> None:
-    """Write model_dir, pruned / smoothed / int8 as asked, as a directory to serve.
+                     recovery=None) -> tuple[str, str]:
+    """Write model_dir, pruned / smoothed / int8 as asked, as a directory to serve; returns
+    the quantization and sparsity it holds (a compressed model_dir keeps its own).
     recovery (a DistillConfig): fine-tune the 2:4-pruned model towards the dense one first."""
     from safetensors.torch import save_file
 
@@ -114,3 +115,4 @@ def write_compressed(model_dir: Path, out: Path, quantization: str, sparsity: st
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     shutil.rmtree(tmp / "recovered", ignore_errors=True)
     tmp.rename(out)
+    return quantization, sparsity

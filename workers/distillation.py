@@ -115,10 +115,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def distill(teacher, student, windows: list[list[int]], config: DistillConfig,
             trainable: Callable[[str], bool], after_step: Callable[[], None] | None = None,
-            progress: bool = True, texts: int = 0) -> DistillReport:
+            progress: bool = True, texts: int = 0, checkpoint: Path | None = None,
+            checkpoint_every: int = 50) -> DistillReport:
     """Train the student's parameters whose names `trainable` accepts, on the windows in a
     seeded random order, until the time or step budget runs out. after_step runs after each
-    optimizer step (e.g. to keep pruned weights at zero)."""
+    optimizer step (e.g. to keep pruned weights at zero). With `checkpoint`, the trained
+    parameters, the optimizer and the progress are saved there every checkpoint_every steps
+    and at the end, and a run that finds one resumes from it (the budget counts both)."""
     from tqdm import tqdm
 
     if not windows:
@@ -126,20 +129,39 @@ def distill(teacher, student, windows: list[list[int]], config: DistillConfig,
     torch.manual_seed(config.seed)
     teacher.eval()
     student.train()
-    params = []
+    named = {}
     for name, p in student.named_parameters():
         p.requires_grad_(trainable(name))
         if p.requires_grad:
-            params.append(p)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+            named[name] = p
+    optimizer = torch.optim.AdamW(list(named.values()), lr=config.learning_rate,
+                                  weight_decay=0.0)
     device = next(student.parameters()).device
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(config.seed))
     losses: list[float] = []
-    tokens, step = 0, 0
+    tokens, step, spent = 0, 0, 0.0
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=True)
+        with torch.no_grad():
+            for name, value in saved["parameters"].items():
+                named[name].copy_(value)
+        optimizer.load_state_dict(saved["optimizer"])
+        step, tokens, spent = saved["step"], saved["tokens"], saved["seconds"]
+        losses = list(saved["losses"])
+        log.info("resuming from %s at step %d", checkpoint, step)
+
+    def save() -> None:
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"parameters": {n: p.detach() for n, p in named.items()},
+                    "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens,
+                    "seconds": spent + time.perf_counter() - start, "losses": losses}, tmp)
+        tmp.rename(checkpoint)
+
     start = time.perf_counter()
-    bar = tqdm(total=config.max_steps, unit="step", desc="distilling", disable=not progress)
+    bar = tqdm(total=config.max_steps, initial=step, unit="step", desc="distilling",
+               disable=not progress)
     while (config.max_steps is None or step < config.max_steps) and \
-            time.perf_counter() - start < config.seconds:
+            spent + time.perf_counter() - start < config.seconds:
         picked = [order[(step * config.batch_size + i) % len(windows)].item()
                   for i in range(config.batch_size)]
         ids = torch.tensor([windows[i] for i in picked], device=device)
@@ -159,13 +181,18 @@ def distill(teacher, student, windows: list[list[int]], config: DistillConfig,
         step += 1
         tokens += ids.numel()
         losses.append(loss.item())
-        elapsed = time.perf_counter() - start
+        elapsed = spent + time.perf_counter() - start
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / elapsed:.0f}")
+        if checkpoint is not None and step % checkpoint_every == 0:
+            save()
     bar.close()
+    if checkpoint is not None:
+        save()
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
     tail = losses[-10:]
-    return DistillReport(step, tokens, time.perf_counter() - start, losses[0] if losses else 0.0,
-                         sum(tail) / len(tail) if tail else 0.0, texts)
+    return DistillReport(step, tokens, spent + time.perf_counter() - start,
+                         losses[0] if losses else 0.0, sum(tail) / len(tail) if tail else 0.0,
+                         texts)
