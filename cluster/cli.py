@@ -7,6 +7,7 @@
                        [--text FILE]
     shardserve smooth --model M --out DIR [--alpha 0.5]
     shardserve compress --model M --out DIR [--quantization Q] [--sparsity 2:4]
+    shardserve distill --teacher M --layers K --out DIR [--minutes 30]
 """
 
 from __future__ import annotations
@@ -112,6 +113,33 @@ def cmd_smooth(args: argparse.Namespace) -> int:
     write_smoothed(resolve_model(args.model), args.alpha, out)
     print(f"wrote the smoothed checkpoint to {out}; serve it with quantization: "
           f"w8a8-smoothquant (no calibration at start)")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shardserve.workers.distillation import DistillConfig
+
+    from .distill import describe, run
+
+    out = Path(args.out)
+    if out.exists() and not (out / "checkpoint.pt").exists() and any(out.iterdir()):
+        print(f"error: {out} exists and holds no checkpoint to resume; choose a new directory",
+              file=sys.stderr)
+        return 2
+    if (out / "checkpoint.pt").exists():
+        print(f"resuming from {out / 'checkpoint.pt'}", flush=True)
+    config = DistillConfig(seconds=args.minutes * 60, max_steps=args.steps, window=args.window,
+                           learning_rate=args.learning_rate, temperature=args.temperature,
+                           ce_weight=args.ce_weight, seed=args.seed,
+                           max_text_tokens=args.text_tokens)
+    try:
+        report = run(args.teacher, args.layers, out, config, args.generations)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe(report, out))
     return 0
 
 
@@ -273,6 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--alpha", type=float, default=0.5,
                           help="SmoothQuant's migration strength in [0, 1]")
     compress.set_defaults(func=cmd_compress)
+
+    distill = sub.add_parser("distill", help="train a small draft model from a teacher (KL to "
+                                             "its softened logits) for speculative decoding")
+    distill.add_argument("--teacher", default="smollm2")
+    distill.add_argument("--layers", type=int, required=True,
+                         help="the student's layers, taken evenly from the teacher's")
+    distill.add_argument("--out", required=True, help="where the student (and its training "
+                                                      "checkpoint, to resume from) goes")
+    distill.add_argument("--minutes", type=float, default=30, help="training time budget")
+    distill.add_argument("--steps", type=int, help="or a step budget, whichever ends first")
+    distill.add_argument("--window", type=int, default=256, help="tokens per sequence")
+    distill.add_argument("--generations", type=int, default=256,
+                         help="teacher answers to chat requests to train on, beside the text")
+    distill.add_argument("--text-tokens", type=int, default=1_000_000,
+                         help="at most this much of Debian's text to train on")
+    distill.add_argument("--learning-rate", type=float, default=2e-4)
+    distill.add_argument("--temperature", type=float, default=1.0,
+                         help="softens both distributions in the KL term")
+    distill.add_argument("--ce-weight", type=float, default=0.0,
+                         help="weight of a cross-entropy term on the text")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.set_defaults(func=cmd_distill)
 
     gen = sub.add_parser("generate", help="send a prompt to a running server")
     gen.add_argument("prompt")

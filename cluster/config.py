@@ -83,6 +83,23 @@ class SchedulerConfig:
     max_waiting_requests: int = 1024
 
 
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (cluster/speculative.py): a cheap proposer guesses num_tokens
+    tokens per decoding sequence and the model verifies them in one step. Greedy outputs are
+    unchanged, sampled ones keep the model's distribution."""
+    method: str = "none"  # none | ngram (prompt lookup) | draft (a small model)
+    num_tokens: int = 3  # proposed per sequence per step (a request may ask for fewer)
+    draft_model: str | None = None  # method draft: a model with the target's tokenizer
+    ngram_max: int = 4  # method ngram: longest and shortest suffix looked up
+    ngram_min: int = 1
+    # Above this many decoding sequences in a step, nobody speculates that step: verifying
+    # k+1 tokens per sequence then costs more compute than the saved steps give back
+    # (bench/README.md); 0 never switches off.
+    disable_above_batch: int = 8
+
+
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
 QUANTIZATIONS = ("none", "int8-weight", "w8a8-smoothquant", "llm-int8")
 CPU_GEMMS = ("auto", "panels", "onednn")
 SPARSITIES = ("none", "2:4")
@@ -127,12 +144,13 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kv_cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        p, c, s = self.parallel, self.kv_cache, self.scheduler
+        p, c, s, sp = self.parallel, self.kv_cache, self.scheduler, self.speculative
         if isinstance(c.kv_cache_memory, str):
             c.kv_cache_memory = parse_bytes(c.kv_cache_memory)
         checks = [
@@ -176,6 +194,15 @@ class EngineConfig:
             (self.sparsity in SPARSITIES, f"sparsity must be none or 2:4, got {self.sparsity!r}"),
             (self.sparsity_score in SPARSITY_SCORES,
              f"sparsity_score must be activation or magnitude, got {self.sparsity_score!r}"),
+            (sp.method in SPECULATIVE_METHODS,
+             f"speculative.method must be none, ngram or draft, got {sp.method!r}"),
+            (sp.num_tokens >= 1, "speculative.num_tokens must be >= 1"),
+            (sp.method != "draft" or bool(sp.draft_model),
+             "speculative.method draft needs speculative.draft_model: a model directory with "
+             "the target's tokenizer (shardserve distill makes one)"),
+            (1 <= sp.ngram_min <= sp.ngram_max,
+             "speculative.ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max"),
+            (sp.disable_above_batch >= 0, "speculative.disable_above_batch must be >= 0"),
             (self.sparsity == "none" or self.quantization in ("none", "int8-weight"),
              f"sparsity 2:4 composes with quantization none or int8-weight, not "
              f"{self.quantization} (its int8 x int8 kernel is dense)"),
@@ -195,6 +222,9 @@ class EngineConfig:
                     if dataclasses.is_dataclass(getattr(self, f.name))}
         top, nested = {}, {name: {} for name in sections}
         for key, value in overrides.items():
+            if key in sections and isinstance(value, dict):  # a whole section by name
+                nested[key].update(value)
+                continue
             owner = next((name for name, sec in sections.items()
                           if key in {f.name for f in dataclasses.fields(sec)}), None)
             if owner:

@@ -28,6 +28,7 @@ from .kv_manager import KVCacheManager
 from .outputs import RequestOutput, TokenLogprob
 from .scheduler import ScheduledSequence, Scheduler
 from .sequence import Sequence, SequenceStatus, next_seq_id
+from .speculative import DraftModel, SpeculationStats, ngram_proposal
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,12 @@ class Engine:
                                        or default_batched_tokens(first_shard["device"]))
         self.scheduler = Scheduler(self.kv, s.max_num_seqs, self.max_num_batched_tokens,
                                    s.scheduling_policy, self.num_lanes)
-        self._in_flight: dict[int, tuple[object, list[ScheduledSequence]]] = {}
+        self.speculation = SpeculationStats()
+        self.draft: DraftModel | None = None
+        if config.speculative.method == "draft":
+            self.draft = self._draft_model(num_blocks, cache.block_size)
+        # lane -> (handle, its sequences, when it was sent)
+        self._in_flight: dict[int, tuple[object, list[ScheduledSequence], float]] = {}
         self._step_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._requests: dict[str, Sequence] = {}
@@ -101,6 +107,18 @@ class Engine:
             raise ValueError("tensor/pipeline parallelism and replicas run on Ray: "
                              "pass a RayExecutor (LLM does this for you)")
         return LocalExecutor(ShardSpec.from_config(self.config))
+
+    def _draft_model(self, num_blocks: int, block_size: int) -> DraftModel:
+        from shardserve.workers.shard import ShardSpec
+
+        c = self.config
+        spec = ShardSpec(model=c.speculative.draft_model, dtype=c.dtype,
+                         kv_cache_dtype=c.kv_cache_dtype, device=c.device, cpu_gemm=c.cpu_gemm,
+                         num_threads=c.num_threads, seed=c.seed)
+        draft = DraftModel(spec, num_blocks, block_size, self.shape.vocab_size)
+        log.info("speculative decoding with the draft model %s, %d tokens per step",
+                 c.speculative.draft_model, c.speculative.num_tokens)
+        return draft
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -166,6 +184,14 @@ class Engine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
                              f"(0..{vocab - 1})")
         params.validate(vocab)
+        sp = self.config.speculative
+        if params.speculative_tokens:
+            if sp.method == "none":
+                raise ValueError("speculative_tokens: this server does not speculate "
+                                 "(speculative.method is none); leave it unset or 0")
+            if params.speculative_tokens > sp.num_tokens:
+                raise ValueError(f"speculative_tokens {params.speculative_tokens} exceeds the "
+                                 f"server's speculative.num_tokens ({sp.num_tokens})")
         if n + params.max_tokens > limit:
             raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"the context limit of {limit}: set max_tokens <= {limit - n}")
@@ -251,38 +277,110 @@ class Engine:
         for lane in range(self.num_lanes):
             if lane in self._in_flight:
                 continue
+            self._plan_lookahead(lane)
             scheduled = self.scheduler.schedule(lane)
             if not scheduled:
                 continue
+            self._propose(scheduled)
             plan = StepPlan(next(self._step_ids), [self._sequence_step(s) for s in scheduled])
             try:
-                self._in_flight[lane] = (self.executor.submit(plan), scheduled)
+                self._in_flight[lane] = (self.executor.submit(plan), scheduled,
+                                         time.perf_counter())
             except ExecutorError as e:
                 return self._recover(str(e))
         if not self._in_flight:
             return []
         try:
             lane, result = self.executor.wait_any(
-                {lane: handle for lane, (handle, _) in self._in_flight.items()})
+                {lane: handle for lane, (handle, _, _) in self._in_flight.items()})
         except ExecutorError as e:
             return self._recover(str(e))
-        _, scheduled = self._in_flight.pop(lane)
+        _, scheduled, sent = self._in_flight.pop(lane)
+        if any(item.draft for item in scheduled):
+            self.speculation.verify_seconds += time.perf_counter() - sent
         return self._apply(scheduled, result)
 
+    # --- speculative decoding ---------------------------------------------------------------
+
+    def _plan_lookahead(self, lane: int) -> None:
+        """How many draft tokens each decoding sequence of the lane may verify this step."""
+        sp = self.config.speculative
+        running = [s for s in self.scheduler.running if s.lane == lane]
+        for seq in running:
+            seq.lookahead = 0
+        if sp.method == "none":
+            return
+        decoding = [s for s in running if s.num_uncomputed_tokens == 1]
+        if sp.disable_above_batch and len(decoding) > sp.disable_above_batch:
+            self.speculation.disabled_steps += 1
+            return
+        for seq in decoding:
+            p = seq.params
+            k = sp.num_tokens if p.speculative_tokens is None else p.speculative_tokens
+            # the target always adds a token of its own: room for k drafts plus that one
+            k = min(k, p.max_tokens - len(seq.output_token_ids) - 1,
+                    self.max_model_len - seq.num_tokens - 1)
+            if self.draft is not None:
+                k = min(k, self.draft.max_context_len - seq.num_tokens)
+            seq.lookahead = max(k, 0)
+
+    def _propose(self, scheduled: list[ScheduledSequence]) -> None:
+        """Fill in the drafts of the sequences the scheduler made room for."""
+        wanted = [item for item in scheduled if item.num_lookahead]
+        if not wanted:
+            return
+        start = time.perf_counter()
+        sp = self.config.speculative
+        if self.draft is not None:
+            drafts = self.draft.propose([(item.seq, item.num_lookahead,
+                                          self.kv.block_table(item.seq.seq_id))
+                                         for item in wanted])
+        else:
+            drafts = [ngram_proposal(item.seq.token_ids(0, item.seq.num_tokens),
+                                     item.num_lookahead, sp.ngram_max, sp.ngram_min)
+                      for item in wanted]
+        for item, draft in zip(wanted, drafts):
+            item.draft = draft
+            item.num_tokens = item.seq.num_uncomputed_tokens + len(draft)
+        self.speculation.propose_seconds += time.perf_counter() - start
+
     def _apply(self, scheduled: list[ScheduledSequence], result) -> list[RequestOutput]:
-        sampled = {t.seq_id: t for t in result.tokens}
+        sampled: dict[int, list[SampledToken]] = {}
+        for t in result.tokens:  # a sequence that verified drafts has several, in order
+            sampled.setdefault(t.seq_id, []).append(t)
         outputs = []
         now = time.time()
         for item in scheduled:
             seq = item.seq
             if seq.is_finished:
                 continue  # cancelled while its batch was in flight
-            seq.num_computed_tokens += item.num_tokens
-            token = sampled.get(seq.seq_id)
-            if token is None:
+            tokens = sampled.get(seq.seq_id)
+            if item.draft:
+                # KV is valid for the last real token and the kept drafts; the rest is
+                # rolled back (written over when those positions are computed again).
+                kept = sum(1 for t in tokens[:-1] if not t.error) if tokens else 0
+                seq.num_computed_tokens += kept + 1
+                known = seq.num_tokens  # before the new tokens
+                seq.num_draft_computed = min(seq.num_draft_computed, known + kept)
+                seq.num_draft_tokens += len(item.draft)
+                seq.num_accepted_tokens += kept
+                self.speculation.verified += 1
+                self.speculation.proposed_tokens += len(item.draft)
+                self.speculation.accepted_tokens += kept
+            else:
+                seq.num_computed_tokens += item.num_tokens
+            if tokens is None:
                 continue  # a prompt chunk that did not reach the end yet
             try:
-                outputs.append(self._append_token(seq, token, now))
+                out = None
+                for token in tokens:
+                    step_out = self._append_token(seq, token, now)
+                    out = step_out if out is None else out.merge(step_out)
+                    if seq.is_finished:
+                        break  # a stop inside an accepted run: nothing past it
+                outputs.append(out)
+                if item.num_lookahead and not seq.is_finished:
+                    self.kv.truncate(seq.seq_id, seq.num_tokens)
             except Exception as e:  # noqa: BLE001 - one request's failure stays its own
                 log.exception("request %s failed while its token was applied", seq.request_id)
                 outputs.append(self._fail(seq, f"internal error while applying this request's "
@@ -314,15 +412,17 @@ class Engine:
     def _sequence_step(self, item: ScheduledSequence) -> SequenceStep:
         seq = item.seq
         start = seq.num_computed_tokens
+        draft = item.draft or []
         return SequenceStep(
             seq_id=seq.seq_id,
-            token_ids=seq.token_ids(start, start + item.num_tokens),
+            token_ids=seq.token_ids(start, start + item.num_tokens - len(draft)) + draft,
             start_position=start,
             block_table=self.kv.block_table(seq.seq_id),
             sample=item.samples,
             params=seq.params,
             seed=seq.seed,
             num_generated=len(seq.output_token_ids),
+            num_draft=len(draft),
         )
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
@@ -406,6 +506,8 @@ class Engine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+        if self.draft is not None:
+            self.draft.shutdown()
 
 
 def output_of(seq: Sequence, delta_ids: list[int], delta_logprobs: list[TokenLogprob],
@@ -426,6 +528,8 @@ def output_of(seq: Sequence, delta_ids: list[int], delta_logprobs: list[TokenLog
         arrival_time=seq.arrival_time,
         first_token_time=seq.first_token_time,
         num_preemptions=seq.num_preemptions,
+        num_draft_tokens=seq.num_draft_tokens,
+        num_accepted_tokens=seq.num_accepted_tokens,
     )
     if seq.is_finished:
         out.token_ids = list(seq.output_token_ids)

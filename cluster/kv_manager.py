@@ -80,6 +80,17 @@ class KVCacheManager:
             table.append(self.allocator.allocate())
         return True
 
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Give back the blocks past those num_tokens need (speculative decoding made room
+        for drafts that were rejected)."""
+        table = self._tables.get(seq_id)
+        if table is None:
+            return
+        keep = self.blocks_for(num_tokens)
+        for block in table[keep:]:
+            self.allocator.free(block)
+        del table[keep:]
+
     def free(self, seq_id: int) -> None:
         for block in self._tables.pop(seq_id, []):
             self.allocator.free(block)

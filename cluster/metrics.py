@@ -40,6 +40,22 @@ class Metrics:
                                       registry=r)
         self.preemptions = Counter("shardserve_preemptions", "Sequences preempted for lack of "
                                    "KV blocks", registry=r)
+        # speculative decoding: acceptance rate = accepted / proposed; mean accepted length
+        # = (accepted + verified) / verified
+        self.speculative_proposed = Counter("shardserve_speculative_proposed_tokens",
+                                            "Draft tokens proposed", registry=r)
+        self.speculative_accepted = Counter("shardserve_speculative_accepted_tokens",
+                                            "Draft tokens the model kept", registry=r)
+        self.speculative_verified = Counter("shardserve_speculative_verified",
+                                            "Sequence-steps that verified drafts", registry=r)
+        self.speculative_disabled = Counter("shardserve_speculative_disabled_steps",
+                                            "Steps without speculation because the batch "
+                                            "exceeded speculative.disable_above_batch",
+                                            registry=r)
+        self.speculative_seconds = Counter("shardserve_speculative_seconds",
+                                           "Time proposing drafts (phase=draft) and in the "
+                                           "steps that verified them (phase=verify)",
+                                           ["phase"], registry=r)
         self._http = None
 
     def serve(self, host: str, port: int) -> int:

@@ -15,6 +15,7 @@ serves.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -30,6 +31,7 @@ from .engine import DOWN, Engine, EngineUnavailableError, fail_sequence
 from .metrics import Metrics
 from .outputs import RequestOutput
 from .sequence import Sequence
+from .speculative import SpeculationStats
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,7 @@ class EngineLoop:
         self.outstanding = 0  # accepted and not finished, counted from the caller's side
         self._preemptions_seen = 0
         self._restarts_seen = 0
+        self._speculation_seen = SpeculationStats()
         self._stop = threading.Event()
         engine.on_failure = self._hand_over
         self._thread = threading.Thread(target=self._run, name=f"engine-loop-{replica}",
@@ -288,6 +291,16 @@ class EngineLoop:
         if preemptions > self._preemptions_seen:
             m.preemptions.inc(preemptions - self._preemptions_seen)
             self._preemptions_seen = preemptions
+        now, seen = e.speculation, self._speculation_seen
+        for counter, field in ((m.speculative_proposed, "proposed_tokens"),
+                               (m.speculative_accepted, "accepted_tokens"),
+                               (m.speculative_verified, "verified"),
+                               (m.speculative_disabled, "disabled_steps"),
+                               (m.speculative_seconds.labels("draft"), "propose_seconds"),
+                               (m.speculative_seconds.labels("verify"), "verify_seconds")):
+            if getattr(now, field) > getattr(seen, field):
+                counter.inc(getattr(now, field) - getattr(seen, field))
+        self._speculation_seen = dataclasses.replace(now)
         if e.num_restarts > self._restarts_seen:
             m.shard_restarts.labels(replica).inc(e.num_restarts - self._restarts_seen)
             self._restarts_seen = e.num_restarts

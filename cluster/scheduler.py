@@ -33,10 +33,14 @@ POLICIES = ("continuous", "static")
 class ScheduledSequence:
     seq: Sequence
     num_tokens: int  # tokens to compute this step, starting at seq.num_computed_tokens
+    # speculative decoding: room made for this many draft tokens past the sequence's end
+    # (the engine fills in the drafts it got, and num_tokens follows)
+    num_lookahead: int = 0
+    draft: list[int] | None = None
 
     @property
     def samples(self) -> bool:
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_tokens >= self.seq.num_tokens
 
 
 class Scheduler:
@@ -77,7 +81,7 @@ class Scheduler:
         """Let go of an unfinished sequence (another engine takes it over): its blocks are
         freed and it will be computed again from its tokens."""
         self._unlink(seq)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed = 0
         seq.status = SequenceStatus.WAITING
 
     def _unlink(self, seq: Sequence) -> None:
@@ -96,7 +100,7 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens + seq.lookahead, budget)
             while not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n):
                 victim = running.pop()
                 self.preempt(victim)
@@ -104,7 +108,8 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                scheduled.append(ScheduledSequence(seq, n))
+                scheduled.append(ScheduledSequence(seq, n,
+                                                   max(0, n - seq.num_uncomputed_tokens)))
                 budget -= n
                 i += 1
 
@@ -137,7 +142,7 @@ class Scheduler:
         recomputed from its prompt and the tokens it has generated."""
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

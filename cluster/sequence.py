@@ -46,6 +46,13 @@ class Sequence:
     num_preemptions: int = 0
     num_failures: int = 0  # shard failures this request was caught in
     lane: int = 0  # which in-flight batch it runs in (pipeline parallelism), see scheduler
+    # Speculative decoding: draft tokens the scheduler makes room for this step (set by the
+    # engine before it schedules), tokens the draft model's KV holds, and the counts reported
+    # in the request's usage.
+    lookahead: int = 0
+    num_draft_computed: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

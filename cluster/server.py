@@ -44,7 +44,8 @@ FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENG
 def sampling_params(request: pb.GenerateRequest) -> SamplingParams:
     """The request's sampling options, with the server defaults for unset fields."""
     options = {}
-    for name in ("max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs"):
+    for name in ("max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs",
+                 "speculative_tokens"):
         if request.HasField(name):
             options[name] = getattr(request, name)
     return SamplingParams(stop=tuple(request.stop), stop_token_ids=tuple(request.stop_token_ids),
@@ -141,7 +142,9 @@ class GenerationServicer:
             request_id=label, text="".join(text), token_ids=token_ids,
             finish_reason=FINISH_REASONS.get(final.finish_reason, 0),
             usage=pb.Usage(prompt_tokens=len(final.prompt_token_ids),
-                           completion_tokens=len(token_ids)),
+                           completion_tokens=len(token_ids),
+                           draft_tokens=final.num_draft_tokens,
+                           accepted_draft_tokens=final.num_accepted_tokens),
             logprobs=_logprobs(logprobs), time_to_first_token_s=ttft)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context
@@ -157,6 +160,8 @@ class GenerationServicer:
                 message.finish_reason = FINISH_REASONS.get(out.finish_reason, 0)
                 message.usage.prompt_tokens = len(out.prompt_token_ids)
                 message.usage.completion_tokens = generated
+                message.usage.draft_tokens = out.num_draft_tokens
+                message.usage.accepted_draft_tokens = out.num_accepted_tokens
             yield message
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10shardserve.proto\x12\rshardserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"4\n\x04\x43hat\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.shardserve.v1.ChatMessage\"\x9a\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.shardserve.v1.TokenIdsH\x00\x12#\n\x04\x63hat\x18\r \x01(\x0b\x32\x13.shardserve.v1.ChatH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"b\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x19.shardserve.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xee\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.shardserve.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.shardserve.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.shardserve.v1.TokenLogprob\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x01\"\xd5\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.shardserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.shardserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.shardserve.v1.Usage\"\x12\n\x10ModelInfoRequest\"\xa4\x01\n\tShardInfo\x12\x16\n\x0epipeline_stage\x18\x01 \x01(\x05\x12\x13\n\x0btensor_rank\x18\x02 \x01(\x05\x12\x0f\n\x07replica\x18\x03 \x01(\x05\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x07 \x01(\x05\x12\x11\n\tend_layer\x18\x08 \x01(\x05\"s\n\x0bReplicaInfo\x12\x0f\n\x07replica\x18\x01 \x01(\x05\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08restarts\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x10\n\x08\x66inished\x18\x06 \x01(\x03\"\x93\x05\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x12\n\nnum_layers\x18\x06 \x01(\x05\x12\x1b\n\x13num_attention_heads\x18\x07 \x01(\x05\x12\x1b\n\x13num_key_value_heads\x18\x08 \x01(\x05\x12\x1c\n\x14tensor_parallel_size\x18\t \x01(\x05\x12\x1e\n\x16pipeline_parallel_size\x18\n \x01(\x05\x12\x10\n\x08replicas\x18\x0b \x01(\x05\x12\x19\n\x11sequence_parallel\x18\x0c \x01(\x08\x12\x15\n\rkv_block_size\x18\r \x01(\x05\x12\x15\n\rkv_num_blocks\x18\x0e \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x0f \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x10 \x01(\x05\x12\x1c\n\x14max_waiting_requests\x18\x11 \x01(\x05\x12\x19\n\x11scheduling_policy\x18\x12 \x01(\t\x12(\n\x06shards\x18\x13 \x03(\x0b\x32\x18.shardserve.v1.ShardInfo\x12\x15\n\reos_token_ids\x18\x14 \x03(\x05\x12\x32\n\x0ereplica_states\x18\x15 \x03(\x0b\x32\x1a.shardserve.v1.ReplicaInfo\x12\x16\n\x0ekv_cache_dtype\x18\x16 \x01(\t\x12\x14\n\x0cquantization\x18\x17 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x18 \x01(\x03\x12\x10\n\x08sparsity\x18\x19 \x01(\t\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xd1\x02\n\nGeneration\x12K\n\x08Generate\x12\x1e.shardserve.v1.GenerateRequest\x1a\x1f.shardserve.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.shardserve.v1.GenerateRequest\x1a%.shardserve.v1.GenerateStreamResponse0\x01\x12N\n\tModelInfo\x12\x1f.shardserve.v1.ModelInfoRequest\x1a .shardserve.v1.ModelInfoResponse\x12K\n\x08Tokenize\x12\x1e.shardserve.v1.TokenizeRequest\x1a\x1f.shardserve.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10shardserve.proto\x12\rshardserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"4\n\x04\x43hat\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.shardserve.v1.ChatMessage\"\xd2\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.shardserve.v1.TokenIdsH\x00\x12#\n\x04\x63hat\x18\r \x01(\x0b\x32\x13.shardserve.v1.ChatH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x1f\n\x12speculative_tokens\x18\x0e \x01(\x05H\x07\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_speculative_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"b\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x19.shardserve.v1.TopLogprob\"n\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x01(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\x04 \x01(\x05\"\xee\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.shardserve.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.shardserve.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.shardserve.v1.TokenLogprob\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x01\"\xd5\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.shardserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.shardserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.shardserve.v1.Usage\"\x12\n\x10ModelInfoRequest\"\xa4\x01\n\tShardInfo\x12\x16\n\x0epipeline_stage\x18\x01 \x01(\x05\x12\x13\n\x0btensor_rank\x18\x02 \x01(\x05\x12\x0f\n\x07replica\x18\x03 \x01(\x05\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x07 \x01(\x05\x12\x11\n\tend_layer\x18\x08 \x01(\x05\"s\n\x0bReplicaInfo\x12\x0f\n\x07replica\x18\x01 \x01(\x05\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08restarts\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x10\n\x08\x66inished\x18\x06 \x01(\x03\"\x93\x05\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x12\n\nnum_layers\x18\x06 \x01(\x05\x12\x1b\n\x13num_attention_heads\x18\x07 \x01(\x05\x12\x1b\n\x13num_key_value_heads\x18\x08 \x01(\x05\x12\x1c\n\x14tensor_parallel_size\x18\t \x01(\x05\x12\x1e\n\x16pipeline_parallel_size\x18\n \x01(\x05\x12\x10\n\x08replicas\x18\x0b \x01(\x05\x12\x19\n\x11sequence_parallel\x18\x0c \x01(\x08\x12\x15\n\rkv_block_size\x18\r \x01(\x05\x12\x15\n\rkv_num_blocks\x18\x0e \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x0f \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x10 \x01(\x05\x12\x1c\n\x14max_waiting_requests\x18\x11 \x01(\x05\x12\x19\n\x11scheduling_policy\x18\x12 \x01(\t\x12(\n\x06shards\x18\x13 \x03(\x0b\x32\x18.shardserve.v1.ShardInfo\x12\x15\n\reos_token_ids\x18\x14 \x03(\x05\x12\x32\n\x0ereplica_states\x18\x15 \x03(\x0b\x32\x1a.shardserve.v1.ReplicaInfo\x12\x16\n\x0ekv_cache_dtype\x18\x16 \x01(\t\x12\x14\n\x0cquantization\x18\x17 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x18 \x01(\x03\x12\x10\n\x08sparsity\x18\x19 \x01(\t\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xd1\x02\n\nGeneration\x12K\n\x08Generate\x12\x1e.shardserve.v1.GenerateRequest\x1a\x1f.shardserve.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.shardserve.v1.GenerateRequest\x1a%.shardserve.v1.GenerateStreamResponse0\x01\x12N\n\tModelInfo\x12\x1f.shardserve.v1.ModelInfoRequest\x1a .shardserve.v1.ModelInfoResponse\x12K\n\x08Tokenize\x12\x1e.shardserve.v1.TokenizeRequest\x1a\x1f.shardserve.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2320
-  _globals['_FINISHREASON']._serialized_end=2440
+  _globals['_FINISHREASON']._serialized_start=2429
+  _globals['_FINISHREASON']._serialized_end=2549
   _globals['_TOKENIDS']._serialized_start=35
   _globals['_TOKENIDS']._serialized_end=58
   _globals['_CHATMESSAGE']._serialized_start=60
@@ -40,29 +40,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHAT']._serialized_start=106
   _globals['_CHAT']._serialized_end=158
   _globals['_GENERATEREQUEST']._serialized_start=161
-  _globals['_GENERATEREQUEST']._serialized_end=571
-  _globals['_TOPLOGPROB']._serialized_start=573
-  _globals['_TOPLOGPROB']._serialized_end=620
-  _globals['_TOKENLOGPROB']._serialized_start=622
-  _globals['_TOKENLOGPROB']._serialized_end=720
-  _globals['_USAGE']._serialized_start=722
-  _globals['_USAGE']._serialized_end=779
-  _globals['_GENERATERESPONSE']._serialized_start=782
-  _globals['_GENERATERESPONSE']._serialized_end=1020
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1023
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1236
-  _globals['_MODELINFOREQUEST']._serialized_start=1238
-  _globals['_MODELINFOREQUEST']._serialized_end=1256
-  _globals['_SHARDINFO']._serialized_start=1259
-  _globals['_SHARDINFO']._serialized_end=1423
-  _globals['_REPLICAINFO']._serialized_start=1425
-  _globals['_REPLICAINFO']._serialized_end=1540
-  _globals['_MODELINFORESPONSE']._serialized_start=1543
-  _globals['_MODELINFORESPONSE']._serialized_end=2202
-  _globals['_TOKENIZEREQUEST']._serialized_start=2204
-  _globals['_TOKENIZEREQUEST']._serialized_end=2263
-  _globals['_TOKENIZERESPONSE']._serialized_start=2265
-  _globals['_TOKENIZERESPONSE']._serialized_end=2318
-  _globals['_GENERATION']._serialized_start=2443
-  _globals['_GENERATION']._serialized_end=2780
+  _globals['_GENERATEREQUEST']._serialized_end=627
+  _globals['_TOPLOGPROB']._serialized_start=629
+  _globals['_TOPLOGPROB']._serialized_end=676
+  _globals['_TOKENLOGPROB']._serialized_start=678
+  _globals['_TOKENLOGPROB']._serialized_end=776
+  _globals['_USAGE']._serialized_start=778
+  _globals['_USAGE']._serialized_end=888
+  _globals['_GENERATERESPONSE']._serialized_start=891
+  _globals['_GENERATERESPONSE']._serialized_end=1129
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1132
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1345
+  _globals['_MODELINFOREQUEST']._serialized_start=1347
+  _globals['_MODELINFOREQUEST']._serialized_end=1365
+  _globals['_SHARDINFO']._serialized_start=1368
+  _globals['_SHARDINFO']._serialized_end=1532
+  _globals['_REPLICAINFO']._serialized_start=1534
+  _globals['_REPLICAINFO']._serialized_end=1649
+  _globals['_MODELINFORESPONSE']._serialized_start=1652
+  _globals['_MODELINFORESPONSE']._serialized_end=2311
+  _globals['_TOKENIZEREQUEST']._serialized_start=2313
+  _globals['_TOKENIZEREQUEST']._serialized_end=2372
+  _globals['_TOKENIZERESPONSE']._serialized_start=2374
+  _globals['_TOKENIZERESPONSE']._serialized_end=2427
+  _globals['_GENERATION']._serialized_start=2552
+  _globals['_GENERATION']._serialized_end=2889
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,7 @@ from .layers.attention import LayerKVCache, Workspace, build_metadata
 from .layers.cpu_gemm import PackableLinear, resolve_cpu_gemm
 from .layers.quantize import quantize_linears
 from .compress import compressed_checkpoint, mark_2_4_sparse
-from .layers.sampler import sample
+from .layers.verify import sample_and_verify
 from .loader import CheckpointReader, resolve_model
 from .memory import host_memory, human_bytes
 from .models import ModelShape, model_shape
@@ -303,15 +303,15 @@ class Shard:
         rows, to_sample, end = [], [], 0
         for s in seqs:
             end += len(s.token_ids)
-            if s.sample:
-                rows.append(end - 1)
+            if s.sample:  # the last token, and any drafts before it (speculative decoding)
+                rows.extend(range(end - 1 - s.num_draft, end))
                 to_sample.append(s)
         if not to_sample:
             return StepResult(plan.step_id) if self.ctx.tp_rank == 0 else None
         logits = self.model.compute_logits(out[rows])
         if self.ctx.tp_rank != 0:
             return None
-        return StepResult(plan.step_id, sample(logits, to_sample))
+        return StepResult(plan.step_id, sample_and_verify(logits, to_sample))
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> list[float]:

@@ -27,6 +27,9 @@ class SamplingParams:
     ignore_eos: bool = False
     # None: no logprobs; 0: the chosen token's logprob; N: also the N most likely tokens.
     logprobs: int | None = None
+    # Speculative decoding: None takes the server's num_tokens (when it speculates), 0 turns
+    # it off for this request, k (<= the server's) proposes at most k tokens per step.
+    speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists from callers; keep the dataclass hashable and immutable.
@@ -58,6 +61,10 @@ class SamplingParams:
         if self.logprobs is not None and not (isinstance(self.logprobs, int)
                                               and 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if self.speculative_tokens is not None and not (
+                isinstance(self.speculative_tokens, int) and self.speculative_tokens >= 0):
+            raise ValueError(f"speculative_tokens must be an integer >= 0 (0 turns speculation "
+                             f"off), got {self.speculative_tokens!r}")
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             if bad:
@@ -77,6 +84,9 @@ class SequenceStep:
     params: SamplingParams
     seed: int  # the request's seed (given or drawn at admission)
     num_generated: int  # tokens generated so far: with the seed, fixes this draw's randomness
+    # Speculative decoding: the last num_draft of token_ids are proposals to verify; the
+    # result then holds the kept ones and one token of the target's (layers/verify.py).
+    num_draft: int = 0
 
     @property
     def context_length(self) -> int:
@@ -106,4 +116,5 @@ class SampledToken:
 @dataclass
 class StepResult:
     step_id: int
+    # In plan order; a sequence that verified drafts has one entry per emitted token.
     tokens: list[SampledToken] = field(default_factory=list)

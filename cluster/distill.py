@@ -1,0 +1,178 @@
+"""`shardserve distill`: train a small draft model from the model being served.
+
+The student has the teacher's architecture and tokenizer with K of its layers: layers evenly
+spaced over the teacher's depth, the first and the last included (the first reads the
+embeddings, the last writes what the LM head reads; the ones between keep the range of
+depths the teacher computes at), plus the teacher's embedding, final norm and LM head, which
+stay frozen (the draft must speak the teacher's vocabulary, and they are most of a small
+model's bytes). The layers train on Debian's texts (workers/distillation.py) and on the
+teacher's own greedy continuations of chat requests made from those texts, which is what a
+draft is asked to predict when it serves, with the KL loss to the teacher's
+temperature-softened distribution (plus optional cross-entropy).
+
+The result is a Hugging Face directory (transformers and shardserve load it); training
+checkpoints to DIR/checkpoint.pt and resumes from it. At the end it prints the student's size,
+its perplexity beside the teacher's on the held-out GPL-3, and its top-1 agreement with the
+teacher there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def student_layers(num_teacher_layers: int, k: int) -> list[int]:
+    """k teacher layers evenly spaced, the first and the last included."""
+    if not 1 <= k <= num_teacher_layers:
+        raise ValueError(f"--layers must be between 1 and the teacher's {num_teacher_layers}")
+    if k == 1:
+        return [num_teacher_layers - 1]
+    return [round(i * (num_teacher_layers - 1) / (k - 1)) for i in range(k)]
+
+
+def make_student(teacher, layers: list[int]):
+    """A copy of the teacher keeping only `layers` (in order)."""
+    import copy
+
+    import torch
+
+    student = copy.deepcopy(teacher)
+    student.model.layers = torch.nn.ModuleList(student.model.layers[i] for i in layers)
+    for index, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = index
+    student.config.num_hidden_layers = len(layers)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in layers]
+    return student
+
+
+def teacher_generations(teacher_dir: Path, tokenizer, windows: list[list[int]], count: int,
+                        window: int, seed: int) -> list[list[int]]:
+    """`count` sequences of `window` tokens: a chat request made of a piece of the training
+    text, then the teacher's greedy answer (served by shardserve itself, batched)."""
+    import random
+
+    from shardserve import LLM, SamplingParams
+
+    rng = random.Random(seed)
+    picks = (rng.sample(range(len(windows)), count) if count <= len(windows)
+             else [rng.randrange(len(windows)) for _ in range(count)])
+    asks = ("Explain this in plain words:", "Summarise this:", "What does this mean?",
+            "Continue this text:")
+    prompts = []
+    for i, index in enumerate(picks):
+        piece = tokenizer.decode(windows[index][:48], skip_special_tokens=True)
+        text = f"{asks[i % len(asks)]}\n\n{piece}"
+        if tokenizer.chat_template:
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(text)["input_ids"]
+        prompts.append(ids[:window // 2])
+    llm = LLM(str(teacher_dir), dtype="float32")
+    try:
+        results = llm.generate(prompts, [SamplingParams(max_tokens=window - len(p),
+                                                        temperature=0, ignore_eos=True)
+                                         for p in prompts])
+    finally:
+        llm.shutdown()
+    return [p + r.token_ids for p, r in zip(prompts, results)]
+
+
+@dataclass
+class StudentReport:
+    layers: list[int]
+    parameters: int
+    bytes: int
+    teacher_perplexity: float
+    student_perplexity: float
+    top1_agreement: float  # the share of held-out positions where both predict the same token
+    steps: int
+    tokens: int
+    seconds: float
+
+
+def top1_agreement(teacher, student, windows: list[list[int]]) -> float:
+    import torch
+
+    same = total = 0
+    with torch.inference_mode():
+        for w in windows:
+            ids = torch.tensor([w])
+            a = teacher(ids).logits[0].argmax(-1)
+            b = student(ids).logits[0].argmax(-1)
+            same += int((a == b).sum())
+            total += len(w)
+    return same / max(total, 1)
+
+
+def run(teacher: str, k: int, out: Path, config, generations: int = 256,
+        progress: bool = True) -> StudentReport:
+    """config: a DistillConfig (budget, learning rate, temperature, ...)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shardserve.workers.calibration import copy_side_files
+    from shardserve.workers.distillation import distill, training_windows
+    from shardserve.workers.loader import resolve_model
+
+    from .quality import EVALUATION_TEXT, Compression, measure, text_windows
+
+    teacher_dir = resolve_model(teacher)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    layers = student_layers(teacher_model.config.num_hidden_layers, k)
+    student = make_student(teacher_model, layers)
+    out.mkdir(parents=True, exist_ok=True)
+    windows, texts = training_windows(tokenizer, config)
+    generated_path = out / "teacher_generations.json"
+    if generations and not generated_path.exists():
+        start = time.perf_counter()
+        generated = teacher_generations(teacher_dir, tokenizer, windows, generations,
+                                        config.window, config.seed)
+        generated_path.write_text(json.dumps(generated))
+        if progress:
+            print(f"the teacher wrote {len(generated)} answers in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+    if generated_path.exists():
+        windows = windows + json.loads(generated_path.read_text())
+    report = distill(teacher_model, student, windows, config,
+                     trainable=lambda name: name.startswith("model.layers."),
+                     progress=progress, texts=texts, checkpoint=out / "checkpoint.pt")
+    copy_side_files(teacher_dir, out)
+    student.config.shardserve_distilled = {
+        "teacher": str(teacher_dir), "teacher_layers": layers, "steps": report.steps,
+        "tokens": report.tokens, "seconds": round(report.seconds, 1),
+        "first_loss": round(report.first_loss, 4), "last_loss": round(report.last_loss, 4), "temperature": config.temperature,
+        "ce_weight": config.ce_weight, "seed": config.seed}
+    student.save_pretrained(out)
+    for leftover in ("checkpoint.tmp",):
+        shutil.rmtree(out / leftover, ignore_errors=True)
+
+    held_out = text_windows(tokenizer, EVALUATION_TEXT.read_text(errors="replace"),
+                            config.window) if EVALUATION_TEXT.is_file() else []
+    ppl_teacher = measure(str(teacher_dir), Compression(), held_out, "float32",
+                          progress).perplexity if held_out else float("nan")
+    ppl_student = measure(str(out), Compression(), held_out, "float32",
+                          progress).perplexity if held_out else float("nan")
+    params = sum(p.numel() for p in student.parameters())
+    size = sum((out / f).stat().st_size for f in ("model.safetensors",) if (out / f).exists())
+    return StudentReport(layers, params, size, ppl_teacher, ppl_student,
+                         top1_agreement(teacher_model, student, held_out[:16]), report.steps,
+                         report.tokens, report.seconds)
+
+
+def describe(r: StudentReport, out: Path) -> str:
+    return (f"wrote {out}: {len(r.layers)} layers (the teacher's {r.layers}), "
+            f"{r.parameters / 1e6:.1f}M parameters, {r.bytes / 2 ** 20:.0f} MiB\n"
+            f"trained {r.steps} steps, {r.tokens} tokens in {r.seconds / 60:.1f} min\n"
+            f"held-out perplexity (Debian's GPL-3): teacher {r.teacher_perplexity:.3f}, "
+            f"student {r.student_perplexity:.3f}; top-1 agreement with the teacher "
+            f"{r.top1_agreement:.3f}\n"
+            f"serve it as a draft: speculative: {{method: draft, draft_model: {out}}}")

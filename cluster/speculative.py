@@ -1,0 +1,121 @@
+"""Speculative decoding's proposers: cheap guesses of a decoding sequence's next k tokens,
+which the target model then verifies in one step (workers/layers/verify.py).
+
+- `ngram` (prompt lookup): the tokens that followed the latest earlier occurrence of the
+  sequence's last n tokens, for the longest n from ngram_max down to ngram_min that occurs.
+  No model; it pays where the output repeats its context (quoting, summarising, code edits).
+- `draft`: a small model with the target's tokenizer (e.g. one `shardserve distill` made)
+  proposes its greedy continuation. It runs in the engine's process on one shard and keeps
+  its own KV cache under the target's block tables: the engine's one allocation decision
+  covers it too (its pool has as many blocks, each smaller).
+
+Proposals are deterministic (a point mass on each draft token), which verification's
+acceptance rule accounts for, so sampled outputs keep the target's distribution.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from shardserve.workers.step import SamplingParams, SequenceStep, StepPlan
+
+from .sequence import Sequence
+
+_GREEDY = SamplingParams(max_tokens=1, temperature=0)
+
+
+@dataclass
+class SpeculationStats:
+    """What speculation did in one engine (the metrics and bench read it)."""
+    verified: int = 0  # sequence-steps that verified drafts
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    disabled_steps: int = 0  # steps where the batch was too large to speculate
+    propose_seconds: float = 0.0
+    verify_seconds: float = 0.0  # wall time of the steps that verified drafts
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verifying sequence-step: the kept drafts plus the target's."""
+        return (self.accepted_tokens + self.verified) / self.verified if self.verified else 0.0
+
+
+def ngram_proposal(tokens: list[int], k: int, ngram_max: int = 4,
+                   ngram_min: int = 1) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the last n tokens."""
+    if k <= 0 or len(tokens) < 2:
+        return []
+    seq = np.asarray(tokens)
+    for n in range(min(ngram_max, len(seq) - 1), ngram_min - 1, -1):
+        suffix = seq[-n:]
+        # every window of n tokens that starts early enough to have a follower
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return seq[start:start + k].tolist()
+    return []
+
+
+class DraftModel:
+    """A draft model on one in-process shard, sharing the target's block tables."""
+
+    def __init__(self, spec, num_blocks: int, block_size: int, vocab_size: int):
+        from .executor import LocalExecutor
+
+        self.executor = LocalExecutor(spec)
+        shape = self.executor.shard.shape
+        if shape.vocab_size != vocab_size:
+            raise ValueError(f"the draft model {spec.model} has a vocabulary of "
+                             f"{shape.vocab_size} tokens, the target {vocab_size}: a draft "
+                             "must share the target's tokenizer")
+        self.executor.allocate_kv(num_blocks, block_size)
+        self.max_context_len = shape.max_context_len
+        self.seconds = 0.0  # time spent proposing
+        self._step_ids = 0
+
+    def propose(self, items: list[tuple[Sequence, int, list[int]]]) -> list[list[int]]:
+        """items: (sequence, k, its block table) for each sequence to draft for; returns up
+        to k greedy tokens each. Each sequence's draft KV first catches up on the tokens it
+        has not seen (its prompt, the tokens accepted since), then k - 1 more steps run one
+        token each."""
+        start = time.perf_counter()
+        drafts: list[list[int]] = [[] for _ in items]
+        for round_ in range(max((k for _, k, _ in items), default=0)):
+            steps, owners = [], []
+            for index, (seq, k, table) in enumerate(items):
+                if round_ >= k:
+                    continue
+                if round_ == 0:
+                    begin = seq.num_draft_computed
+                    token_ids = seq.token_ids(begin, seq.num_tokens)
+                else:
+                    begin = seq.num_tokens + round_ - 1
+                    token_ids = [drafts[index][-1]]
+                steps.append(SequenceStep(seq.seq_id, token_ids, begin, table, True, _GREEDY,
+                                          0, 0))
+                owners.append(index)
+            self._step_ids += 1
+            result = self.executor.submit(StepPlan(self._step_ids, steps))
+            by_seq = {t.seq_id: t for t in result.tokens}
+            for index in owners:
+                token = by_seq[items[index][0].seq_id]
+                if token.error:  # a broken draft proposes nothing more; the target decides
+                    items[index] = (items[index][0], round_, items[index][2])
+                    continue
+                drafts[index].append(token.token_id)
+        for (seq, _, _), draft in zip(items, drafts):
+            # the draft's KV now holds the sequence and every draft but the last
+            seq.num_draft_computed = seq.num_tokens + max(len(draft) - 1, 0)
+        self.seconds += time.perf_counter() - start
+        return drafts
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,280 @@
+"""Speculative decoding (n-gram lookup and a draft model) and `shardserve distill`.
+
+Greedy outputs with speculation must be the outputs without it, token for token, in every
+batch mix and layout; sampled outputs must keep the target's distribution; a stop inside an
+accepted run ends where decoding one token at a time ends; every KV block comes back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from test_cli import SHARDSERVE
+from test_distributed import serve
+from tiny import EOS, make_tiny_model, mixed_prompts
+
+from shardserve import LLM, SamplingParams
+from shardserve.cluster.speculative import ngram_proposal
+from shardserve.workers.layers.verify import verify
+from shardserve.workers.step import SequenceStep
+
+
+def repeating_prompts() -> tuple[list[list[int]], list[int]]:
+    """Prompts whose tails occur earlier in them (n-gram lookup proposes), and others."""
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randint(2, 900, (n,), generator=g).tolist() for n in (6, 11, 3, 20)]
+    prompts = [base[0] * 4, base[1] * 3 + base[1][:5], base[2] * 7, base[3] + base[3][:9],
+               *mixed_prompts(4)[0]]
+    return prompts, [24, 30, 17, 40, 12, 30, 5, 20]
+
+
+def greedy_tokens(llm, prompts, max_tokens) -> list[list[int]]:
+    results = llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0)
+                                     for n in max_tokens])
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    return [r.token_ids for r in results]
+
+
+# --- proposers and verification ----------------------------------------------------------
+
+def test_ngram_proposal_takes_the_latest_longest_match():
+    assert ngram_proposal([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 2) == [7, 5]  # latest of 1 2 3
+    assert ngram_proposal([4, 5, 6, 4, 5, 8, 6], 3, ngram_max=2) == [4, 5, 8]  # only "6" recurs
+    assert ngram_proposal([1, 2, 3], 3) == []
+    assert ngram_proposal([7, 7, 7, 7], 5) == [7]  # what follows it, up to the end
+    assert ngram_proposal([1, 2, 1], 2, ngram_min=2) == []
+
+
+def step_for(drafts, params, seed=0):
+    return SequenceStep(0, [5] + drafts, 10, [0], True, params, seed, 3, num_draft=len(drafts))
+
+
+def test_greedy_verification_keeps_the_agreeing_drafts_and_adds_the_target_token():
+    logits = torch.full((4, 8), -5.0)
+    for row, best in enumerate([2, 3, 1, 6]):
+        logits[row, best] = 5.0
+    greedy = SamplingParams(temperature=0, logprobs=0)
+    assert [t.token_id for t in verify(logits, step_for([2, 3, 1], greedy))] == [2, 3, 1, 6]
+    assert [t.token_id for t in verify(logits, step_for([2, 4, 1], greedy))] == [2, 3]
+    assert [t.token_id for t in verify(logits, step_for([0, 3, 1], greedy))] == [2]
+    kept = verify(logits, step_for([2], greedy))
+    assert kept[0].logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[2]))
+    logits[1, 0] = float("nan")
+    broken = verify(logits, step_for([2, 3, 1], greedy))
+    assert [t.token_id for t in broken] == [2, -1] and broken[-1].error
+
+
+@pytest.mark.parametrize("draft", [1, 4])
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
+                                    SamplingParams(temperature=0.7, top_k=4)])
+def test_sampled_verification_keeps_the_target_distribution(draft, params):
+    """Over many seeds, the first emitted token (a kept draft or the target's own draw) is
+    distributed as the target's sampling distribution, and the draft is kept as often as
+    the rejection rule keeps it: with probability p(draft)."""
+    from shardserve.workers.layers.sampler import apply_top_k_top_p
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6) * 1.5
+    target = apply_top_k_top_p(logits[0] / params.temperature, params.top_k,
+                               params.top_p).softmax(-1)
+    n = 6000
+    counts, kept = torch.zeros(6), 0
+    for seed in range(n):
+        out = verify(logits, step_for([draft, 2], params, seed))
+        counts[out[0].token_id] += 1
+        kept += len(out) > 1
+    assert (counts / n - target).abs().sum() / 2 < 0.025, (counts / n, target)
+    assert abs(kept / n - float(target[draft])) < 0.02
+
+
+# --- the engine ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_ngram_speculation_gives_the_tokens_of_decoding_one_at_a_time(tiny_model, k):
+    model_dir = tiny_model("llama-gqa")
+    prompts, max_tokens = repeating_prompts()
+    expected = greedy_tokens(LLM(str(model_dir), dtype="float32"), prompts, max_tokens)
+    llm = LLM(str(model_dir), dtype="float32",
+              speculative={"method": "ngram", "num_tokens": k})
+    assert greedy_tokens(llm, prompts, max_tokens) == expected
+    stats = llm.engine.speculation
+    # a random model's continuations rarely repeat its context, so most drafts are rejected
+    # (rolled back); the draft-model tests below keep whole runs
+    assert stats.proposed_tokens > 0 and stats.accepted_tokens <= stats.proposed_tokens
+
+
+@pytest.mark.parametrize("draft_variant", ["same", "llama-gqa-other"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_draft_model_speculation_gives_the_same_tokens(tiny_model, tmp_path, draft_variant, k):
+    model_dir = tiny_model("llama-gqa")
+    draft = model_dir if draft_variant == "same" else make_tiny_model(
+        tmp_path / "draft", "llama-gqa", seed=7, num_layers=1)
+    prompts, max_tokens = mixed_prompts(8)
+    expected = greedy_tokens(LLM(str(model_dir), dtype="float32"), prompts, max_tokens)
+    llm = LLM(str(model_dir), dtype="float32",
+              speculative={"method": "draft", "draft_model": str(draft), "num_tokens": k})
+    assert greedy_tokens(llm, prompts, max_tokens) == expected
+    stats = llm.engine.speculation
+    if draft_variant == "same":  # the target as its own draft agrees with itself
+        assert stats.accepted_tokens == stats.proposed_tokens > 0
+    else:
+        assert stats.accepted_tokens < stats.proposed_tokens
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculation_with_preemption_and_chunked_prefill(tiny_model, method):
+    model_dir = tiny_model("llama-gqa")
+    prompts, max_tokens = repeating_prompts()
+    options = dict(dtype="float32", num_kv_blocks=14, block_size=8, max_num_batched_tokens=16)
+    expected = greedy_tokens(LLM(str(model_dir), **options), prompts, max_tokens)
+    llm = LLM(str(model_dir), speculative={"method": method, "num_tokens": 4,
+                                           "draft_model": str(model_dir)}, **options)
+    assert greedy_tokens(llm, prompts, max_tokens) == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+    if method == "draft":
+        assert llm.engine.speculation.accepted_tokens > 0
+
+
+def test_a_stop_inside_an_accepted_run_ends_where_plain_decoding_ends(tiny_model, tmp_path):
+    """The draft is the target itself, so whole runs are accepted; the stop token and the
+    stop string fall inside them."""
+    model_dir = tiny_model("llama-gqa")
+    prompt = repeating_prompts()[0][0]
+    plain = LLM(str(model_dir), dtype="float32")
+    free_run = plain.generate([prompt], SamplingParams(max_tokens=20, temperature=0))[0]
+    stop_token = free_run.token_ids[6]
+    stop_word = f"w{free_run.token_ids[9]}"
+    params = [SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_token]),
+              SamplingParams(max_tokens=20, temperature=0, stop=[stop_word])]
+    expected = plain.generate([prompt, prompt], params)
+    spec = LLM(str(model_dir), dtype="float32",
+               speculative={"method": "draft", "draft_model": str(model_dir), "num_tokens": 5})
+    got = spec.generate([prompt, prompt], params)
+    assert [(r.token_ids, r.text, r.finish_reason) for r in got] == \
+        [(r.token_ids, r.text, r.finish_reason) for r in expected]
+    assert len(got[0].token_ids) < 20
+
+
+def test_speculation_switches_off_above_the_batch_threshold(tiny_model):
+    model_dir = tiny_model("llama-gqa")
+    prompts, max_tokens = repeating_prompts()
+    llm = LLM(str(model_dir), dtype="float32",
+              speculative={"method": "draft", "draft_model": str(model_dir), "num_tokens": 3,
+                           "disable_above_batch": 2})
+    expected = greedy_tokens(LLM(str(model_dir), dtype="float32"), prompts, max_tokens)
+    assert greedy_tokens(llm, prompts, max_tokens) == expected
+    stats = llm.engine.speculation
+    assert stats.disabled_steps > 0 and stats.proposed_tokens > 0  # the tail ran alone
+
+
+def test_a_request_can_turn_speculation_off(tiny_model):
+    model_dir = tiny_model("llama-gqa")
+    prompts, max_tokens = repeating_prompts()
+    llm = LLM(str(model_dir), dtype="float32", speculative={"method": "ngram", "num_tokens": 3})
+    llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0, speculative_tokens=0)
+                           for n in max_tokens])
+    assert llm.engine.speculation.proposed_tokens == 0
+    with pytest.raises(ValueError, match="speculative_tokens"):
+        llm.generate(prompts[:1], SamplingParams(max_tokens=4, speculative_tokens=9))
+
+
+def test_sampled_outputs_keep_the_target_distribution_end_to_end(tmp_path):
+    """A tiny vocabulary, many seeded requests: the first token (always verified against a
+    draft) is distributed as transformers' softmax of the target's logits."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_tiny_model(tmp_path / "target", "llama-gqa", vocab_size=8,
+                                eos_token_id=7, pad_token_id=0, bos_token_id=1)
+    draft_dir = make_tiny_model(tmp_path / "draft", "llama-gqa", seed=5, vocab_size=8,
+                                eos_token_id=7, pad_token_id=0, bos_token_id=1)
+    prompt = [2, 3, 4, 5, 2, 3]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        target = hf(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+    llm = LLM(str(model_dir), dtype="float32",
+              speculative={"method": "draft", "draft_model": str(draft_dir), "num_tokens": 2,
+                           "disable_above_batch": 0})
+    n = 3000
+    results = llm.generate([prompt] * n, [SamplingParams(max_tokens=3, temperature=1.0, seed=s,
+                                                         ignore_eos=True) for s in range(n)])
+    counts = torch.bincount(torch.tensor([r.token_ids[0] for r in results]), minlength=8)
+    assert (counts / n - target).abs().sum() / 2 < 0.04, (counts / n, target)
+    assert llm.engine.speculation.proposed_tokens > 0
+    # seeded requests give what they give without speculation, alone or in any batch
+    params = [SamplingParams(max_tokens=6, temperature=1.0, seed=s, ignore_eos=True)
+              for s in range(5)]
+    plain = LLM(str(model_dir), dtype="float32").generate([prompt] * 5, params)
+    alone = llm.generate([prompt] * 5, params)
+    assert [r.token_ids for r in alone] == [r.token_ids for r in plain]
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_speculation_in_tensor_and_pipeline_parallel_layouts(ray_cluster, tiny_model, tp, pp):
+    model_dir = tiny_model("llama-gqa-untied")
+    prompts, max_tokens = repeating_prompts()
+    expected = greedy_tokens(LLM(str(model_dir), dtype="float32"), prompts, max_tokens)
+    for speculative in ({"method": "ngram", "num_tokens": 3},
+                        {"method": "draft", "draft_model": str(model_dir), "num_tokens": 2}):
+        llm = serve(model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                    speculative=speculative)
+        try:
+            assert greedy_tokens(llm, prompts, max_tokens) == expected
+            assert llm.engine.speculation.accepted_tokens > 0
+        finally:
+            llm.shutdown()
+
+
+def test_bad_speculative_options_are_refused(tiny_model, tmp_path):
+    model_dir = str(tiny_model("llama-gqa"))
+    with pytest.raises(ValueError, match="speculative.method must be"):
+        LLM(model_dir, speculative={"method": "magic"})
+    with pytest.raises(ValueError, match="draft_model"):
+        LLM(model_dir, speculative={"method": "draft"})
+    other = make_tiny_model(tmp_path / "other-vocab", "llama-gqa", vocab_size=500,
+                            eos_token_id=499)
+    with pytest.raises(ValueError, match="share the target's tokenizer"):
+        LLM(model_dir, speculative={"method": "draft", "draft_model": str(other)})
+
+
+# --- distillation --------------------------------------------------------------------------
+
+def test_distill_trains_a_student_that_transformers_and_shardserve_load(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    teacher = tiny_model("llama-gqa")
+    out = tmp_path / "student"
+    cmd = [*SHARDSERVE, "distill", "--teacher", str(teacher), "--layers", "1", "--out",
+           str(out), "--text-tokens", "64", "--steps", "40", "--window", "32",
+           "--generations", "24", "--learning-rate", "3e-3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "1 layers (the teacher's [1])" in done.stdout and "top-1 agreement" in done.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+    record = config["shardserve_distilled"]
+    assert record["steps"] == 40 and record["last_loss"] < record["first_loss"]
+    AutoModelForCausalLM.from_pretrained(out)
+    llm = LLM(str(out), dtype="float32")
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4))[0].token_ids) == 4
+    # more steps resume from the checkpoint instead of starting over (the tiny word
+    # tokenizer reads Debian's text as unknown words: the teacher's answers carry the signal)
+    more = subprocess.run([*cmd[:-8], "--steps", "45", "--window", "32", "--generations", "24",
+                           "--learning-rate", "3e-3"], capture_output=True, text=True,
+                          timeout=600)
+    assert more.returncode == 0, more.stderr
+    assert json.loads((out / "config.json").read_text())["shardserve_distilled"]["steps"] == 45
+
+
+def test_student_layers_are_evenly_spaced_with_both_ends():
+    from shardserve.cluster.distill import student_layers
+
+    assert student_layers(30, 4) == [0, 10, 19, 29]
+    assert student_layers(30, 1) == [29]
+    assert student_layers(2, 2) == [0, 1]
+    with pytest.raises(ValueError):
+        student_layers(30, 31)
+
+
+_ = EOS
