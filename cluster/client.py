@@ -20,7 +20,7 @@ from shardserve.proto import shardserve_pb2 as pb
 from shardserve.proto import shardserve_pb2_grpc as pb_grpc
 
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs",
-                    "stop", "stop_token_ids", "ignore_eos", "request_id")
+                    "stop", "stop_token_ids", "ignore_eos", "request_id", "speculative_tokens")
 
 
 Prompt = str | list[int] | list[dict[str, str]]

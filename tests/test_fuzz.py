@@ -57,7 +57,11 @@ def fuzz_server(ray_cluster, tiny_model):
 
     config = EngineConfig().with_overrides(model=str(tiny_model("llama-gqa")), dtype="float32",
                                            num_threads=1, tensor_parallel_size=2,
-                                           num_kv_blocks=256, block_size=8, max_num_seqs=32)
+                                           num_kv_blocks=256, block_size=8, max_num_seqs=32,
+                                           # every step speculates: hostile requests verify
+                                           # drafts beside the well-formed ones
+                                           speculative={"method": "ngram", "num_tokens": 3,
+                                                        "disable_above_batch": 0})
     actor, info = start_server_actor(config, ServerConfig(host="127.0.0.1", port=0,
                                                           metrics_port=0, limits=LIMITS))
     target = f"127.0.0.1:{info['grpc_port']}"
@@ -113,6 +117,8 @@ def make_cases(rng: random.Random, expected: list[list[int]]) -> list[Case]:
         lambda: accepted("odd stop strings", temperature=0.9,
                          stop=["\u0000", "\U0001F600" * 8, "w"[:1] * 32][:rng.randint(1, 3)]),
         lambda: accepted("edge stop ids", temperature=0.9, stop_token_ids=[0, VOCAB - 1]),
+        lambda: exact("speculation off or limited", temperature=0,
+                      speculative_tokens=rng.choice([0, 1, 3])),
         # Invalid values in every field.
         lambda: invalid("bad temperature", temperature=rng.choice(
             [float("nan"), float("inf"), -float("inf"), -1e-30, -F32_MAX])),
@@ -121,6 +127,8 @@ def make_cases(rng: random.Random, expected: list[list[int]]) -> list[Case]:
         lambda: invalid("bad top_k", top_k=rng.choice([-1, -2 ** 31])),
         lambda: invalid("bad max_tokens", max_tokens=rng.choice([0, -1, -2 ** 31, I32_MAX])),
         lambda: invalid("bad logprobs", logprobs=rng.choice([-1, 21, I32_MAX])),
+        lambda: invalid("bad speculative_tokens",
+                        speculative_tokens=rng.choice([-1, 4, I32_MAX, -2 ** 31])),
         lambda: invalid("empty stop string", stop=[""]),
         lambda: invalid("too many stop strings", stop=[f"s{i}" for i in range(5)]),
         lambda: invalid("long stop string", stop=["x" * 33]),
@@ -162,7 +170,7 @@ def make_cases(rng: random.Random, expected: list[list[int]]) -> list[Case]:
                      {OK, grpc.StatusCode.DEADLINE_EXCEEDED}, timeout=rng.uniform(0.01, 0.3),
                      stream=rng.random() < 0.5),
     ]
-    weights = [30, 4, 5, 5, 4, 3, 2, 2, 2, 2, 2] + [2] * 20 + [2, 1, 1, 2, 1, 1] + [3, 3]
+    weights = [30, 4, 5, 5, 4, 3, 2, 2, 2, 2, 2, 3] + [2] * 21 + [2, 1, 1, 2, 1, 1] + [3, 3]
     assert len(weights) == len(makers)
     return [rng.choices(makers, weights)[0]() for _ in range(NUM_REQUESTS)]
 
@@ -246,6 +254,7 @@ def test_fuzzed_requests_fail_alone(fuzz_server, tiny_model):
     assert client.health() == "SERVING"
     assert not any(k.startswith("shardserve_shard_restarts_total") and v
                    for k, v in metrics(info).items())
+    assert metrics(info)["shardserve_speculative_verified_total"] > 0  # drafts were verified
     # And the server still answers a plain request exactly.
     again = client.generate(good_prompts()[0], max_tokens=MAX_TOKENS, temperature=0,
                             ignore_eos=True)

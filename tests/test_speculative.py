@@ -278,3 +278,40 @@ def test_student_layers_are_evenly_spaced_with_both_ends():
 
 
 _ = EOS
+
+
+def test_grpc_requests_choose_speculation_and_report_it(ray_cluster, tiny_model):
+    """A real server: the request's speculative_tokens, the usage it reports, the metrics."""
+    import grpc
+    from test_server import metrics, start
+
+    model_dir = tiny_model("llama-gqa")
+    prompts, max_tokens = repeating_prompts()
+    expected = greedy_tokens(LLM(str(model_dir), dtype="float32"), prompts[:2], max_tokens[:2])
+    client, info, stop = start(model_dir, speculative={
+        "method": "draft", "draft_model": str(model_dir), "num_tokens": 3})
+    try:
+        before = metrics(info)
+        unary = client.generate(prompts[0], max_tokens=max_tokens[0], temperature=0)
+        assert list(unary.token_ids) == expected[0]
+        assert unary.usage.accepted_draft_tokens == unary.usage.draft_tokens > 0
+        stream = list(client.generate_stream(prompts[1], max_tokens=max_tokens[1],
+                                             temperature=0, speculative_tokens=1))
+        assert [t for m in stream for t in m.token_ids] == expected[1]
+        assert 0 < stream[-1].usage.draft_tokens <= max_tokens[1]  # one draft per step at most
+        off = client.generate(prompts[1], max_tokens=max_tokens[1], temperature=0,
+                              speculative_tokens=0)
+        assert list(off.token_ids) == expected[1] and off.usage.draft_tokens == 0
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(prompts[0], max_tokens=4, speculative_tokens=4)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "exceeds the server's speculative.num_tokens (3)" in err.value.details()
+        after = metrics(info)
+        proposed = "shardserve_speculative_proposed_tokens_total"
+        accepted = "shardserve_speculative_accepted_tokens_total"
+        assert after[proposed] - before.get(proposed, 0) == (
+            unary.usage.draft_tokens + stream[-1].usage.draft_tokens)
+        assert after[accepted] > before.get(accepted, 0)
+        assert client.model_info().sparsity == "none"
+    finally:
+        stop()
