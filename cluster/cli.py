@@ -65,17 +65,25 @@ def cmd_quality(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
+def _new_directory(path: str):
+    """path as a Path, or None (said on stderr) when something is there already."""
     from pathlib import Path
 
+    out = Path(path)
+    if out.exists():
+        print(f"error: {out} exists; choose a new directory", file=sys.stderr)
+        return None
+    return out
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
     from shardserve.workers.compress import write_compressed
     from shardserve.workers.loader import resolve_model
 
     from .config import EngineConfig
 
-    out = Path(args.out)
-    if out.exists():
-        print(f"error: {out} exists; choose a new directory", file=sys.stderr)
+    out = _new_directory(args.out)
+    if out is None:
         return 2
     try:  # the combinations the server refuses are refused here, with the same words
         EngineConfig(model=args.model, quantization=args.quantization, sparsity=args.sparsity,
@@ -101,14 +109,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_smooth(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from shardserve.workers.loader import resolve_model
     from shardserve.workers.smoothquant import write_smoothed
 
-    out = Path(args.out)
-    if out.exists():
-        print(f"error: {out} exists; choose a new directory", file=sys.stderr)
+    out = _new_directory(args.out)
+    if out is None:
         return 2
     write_smoothed(resolve_model(args.model), args.alpha, out)
     print(f"wrote the smoothed checkpoint to {out}; serve it with quantization: "

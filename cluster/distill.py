@@ -113,8 +113,6 @@ def top1_agreement(teacher, student, windows: list[list[int]]) -> float:
 def run(teacher: str, k: int, out: Path, config, generations: int = 256,
         progress: bool = True) -> StudentReport:
     """config: a DistillConfig (budget, learning rate, temperature, ...)."""
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -152,8 +150,6 @@ def run(teacher: str, k: int, out: Path, config, generations: int = 256,
         "first_loss": round(report.first_loss, 4), "last_loss": round(report.last_loss, 4), "temperature": config.temperature,
         "ce_weight": config.ce_weight, "seed": config.seed}
     student.save_pretrained(out)
-    for leftover in ("checkpoint.tmp",):
-        shutil.rmtree(out / leftover, ignore_errors=True)
 
     held_out = text_windows(tokenizer, EVALUATION_TEXT.read_text(errors="replace"),
                             config.window) if EVALUATION_TEXT.is_file() else []

@@ -305,11 +305,11 @@ class Engine:
     def _plan_lookahead(self, lane: int) -> None:
         """How many draft tokens each decoding sequence of the lane may verify this step."""
         sp = self.config.speculative
+        if sp.method == "none":  # lookahead stays 0: nothing to do on every step
+            return
         running = [s for s in self.scheduler.running if s.lane == lane]
         for seq in running:
             seq.lookahead = 0
-        if sp.method == "none":
-            return
         decoding = [s for s in running if s.num_uncomputed_tokens == 1]
         if sp.disable_above_batch and len(decoding) > sp.disable_above_batch:
             self.speculation.disabled_steps += 1
