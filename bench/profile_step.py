@@ -4,6 +4,7 @@ torch.profiler does not see), then torch.profiler's busiest torch ops over a sho
 
     python bench/profile_step.py                      # 32 requests, SmolLM2 fp32, in this process
     python bench/profile_step.py --num-requests 8 --dtype bfloat16 --profiler-requests 4
+    python bench/profile_step.py --batch1    # one 256-token prompt, then 128 decoded tokens
 
 The timers wrap functions from the outside, so the product code has none. (Not named
 profile.py: in bench/ that name would shadow the standard library's `profile` module, which
@@ -20,7 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.workload import make_workload  # noqa: E402
+from bench.workload import (BATCH1_DECODE_TOKENS, BATCH1_PROMPT_TOKENS,  # noqa: E402
+                            BenchRequest, make_workload)
 
 TOTALS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
@@ -63,7 +65,7 @@ def instrument() -> list[tuple[str, int]]:
         ("rotary + KV cache write", 3, llama, "rotary_and_cache"),
         ("SiLU-and-mul", 3, llama, "silu_and_mul"),
         ("logits (final norm + LM head)", 2, llama.LlamaForCausalLM, "compute_logits"),
-        ("sampling", 2, shard, "sample"),
+        ("sampling", 2, shard, "sample_and_verify"),
         ("apply tokens, stop checks", 1, engine.Engine, "_apply"),
         ("detokenize", 2, IncrementalDetokenizer, "add_token"),
     ]
@@ -92,6 +94,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--cpu-gemm", default="auto")
+    parser.add_argument("--batch1", action="store_true",
+                        help="the batch-1 latency request instead: one 256-token prompt, then "
+                             "128 decoded tokens, run --num-requests times one after another")
     args = parser.parse_args()
 
     import torch
@@ -100,24 +106,36 @@ def main() -> None:
 
     llm = LLM(args.model, dtype=args.dtype, kv_cache_memory="4GiB",
               max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, cpu_gemm=args.cpu_gemm)
+
+    def workload(count: int) -> list[BenchRequest]:
+        if not args.batch1:
+            return make_workload(count)
+        prompt = make_workload(1, (BATCH1_PROMPT_TOKENS,) * 2, (1, 1), seed=1)[0]
+        return [BenchRequest(prompt.prompt_token_ids, 1 + BATCH1_DECODE_TOKENS)] * count
 
     def run(count: int) -> float:
-        requests = make_workload(count)
-        params = [SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)
-                  for r in requests]
+        requests = workload(count)
         start = time.perf_counter()
-        llm.generate([r.prompt_token_ids for r in requests], params)
+        if args.batch1:  # one at a time
+            for r in requests:
+                llm.generate([r.prompt_token_ids],
+                             SamplingParams(max_tokens=r.max_tokens, temperature=0,
+                                            ignore_eos=True))
+        else:
+            llm.generate([r.prompt_token_ids for r in requests],
+                         [SamplingParams(max_tokens=r.max_tokens, temperature=0,
+                                         ignore_eos=True) for r in requests])
         return time.perf_counter() - start
 
     run(2)  # warm-up: kernel compile, first allocations
     phases = instrument()
     wall = run(args.num_requests)
     steps = CALLS["step"]
-    generated = sum(r.max_tokens for r in make_workload(args.num_requests))
+    generated = sum(r.max_tokens for r in workload(args.num_requests))
     print(f"{args.num_requests} requests, {generated} generated tokens in {wall:.1f} s "
           f"({generated / wall:.1f} tok/s), {steps} steps, {torch.get_num_threads()} threads, "
-          f"dtype {args.dtype}, KV cache {args.kv_cache_dtype}")
+          f"dtype {args.dtype}, KV cache {args.kv_cache_dtype}, cpu_gemm {args.cpu_gemm}")
     report(phases, wall, steps)
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

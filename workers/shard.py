@@ -195,6 +195,7 @@ class Shard:
             if isinstance(module, PackableLinear):
                 module.pack_for_cpu(self.cpu_gemm)
                 module.pack_for_cuda()
+        self.model.prepare_decode_layers(self.dtype, self.device)
         self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
         self.workspace = Workspace(self.kv_cache_dtype, self.device)

@@ -5,6 +5,8 @@
 - gemm_int8.c: int8 x int8 (W8A8) with activations quantized per row, VNNI where the CPU has it;
 - fused.c: a decoder layer's element-wise steps (RMSNorm with the residual add, SiLU-and-mul,
   rotary with the cache write), built with -ffp-contract=off so they round as torch does;
+- decode_layers.c: a stage's decoder layers for a decode-only step in one call, from the
+  kernels above compiled in (workers/layers/decode_layers.py);
 - vector_math.h: the vector types and exp they share.
 
 The library is built with -march=native for the machine it runs on and cached under
@@ -77,9 +79,9 @@ def _library(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None
     source_path = _HERE / f"{name}.c"
     base_flags = _FLAGS + list(extra_flags)
     flags = base_flags + _torch_openmp_flags()
-    # The digest covers the headers the sources include, too.
+    # The digest covers every source here: headers, and the kernels decode_layers.c includes.
     source = source_path.read_bytes() + b"".join(
-        header.read_bytes() for header in sorted(_HERE.glob("*.h")))
+        other.read_bytes() for other in sorted([*_HERE.glob("*.h"), *_HERE.glob("*.c")]))
     digest = hashlib.sha256(source + " ".join(flags).encode() + _cpu_model().encode())
     from ..loader import cache_dir
 
@@ -147,4 +149,13 @@ def gemm_library() -> ctypes.CDLL | None:
                                       ptr, ptr, i64, ctypes.c_int]
         lib.linear_panels.restype = None
         lib.gemm_panel_width.restype = i64
+    return lib
+
+
+def decode_layers_library() -> ctypes.CDLL | None:
+    lib = _library("decode_layers")
+    if lib is not None and not lib.decode_layers_f32.argtypes:
+        lib.decode_layers_f32.argtypes = [ptr, i64, ptr, ctypes.c_int]
+        lib.decode_layers_f32.restype = ctypes.c_int
+        lib.decode_layers_threaded.restype = ctypes.c_int
     return lib

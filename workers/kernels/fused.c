@@ -16,6 +16,10 @@
 
 #include "vector_math.h"
 
+/* The same rounding as torch also where decode_layers.c compiles this file into its own. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
 #define PARALLEL_ELEMENTS 65536
 
 /* Four vector accumulators: a single one would make every add wait on the previous one. */
@@ -36,13 +40,13 @@ static inline float sum_of_squares(const float *x, int64_t n) {
     return total;
 }
 
-/* summed = x + residual, then out = weight * (summed * rsqrt(mean(summed^2) + eps)).
- * Without a residual (NULL) the norm is of x itself and summed is not written.
- * All [rows, n] contiguous. */
-void add_rms_norm_f32(float *out, float *summed, const float *x, const float *residual,
-                      const float *weight, int64_t rows, int64_t n, float eps) {
-#pragma omp parallel for if (rows * n >= PARALLEL_ELEMENTS) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
+/* summed = x + residual, then out = weight * (summed * rsqrt(mean(summed^2) + eps)), for rows
+ * [first, end). Without a residual (NULL) the norm is of x itself and summed is not written.
+ * summed may be residual itself (updated in place). All [rows, n] contiguous. */
+static void add_rms_norm_rows(float *out, float *summed, const float *x, const float *residual,
+                              const float *weight, int64_t first, int64_t end, int64_t n,
+                              float eps) {
+    for (int64_t r = first; r < end; r++) {
         const float *src = x + r * n;
         if (residual != NULL) {
             const float *res = residual + r * n;
@@ -56,15 +60,23 @@ void add_rms_norm_f32(float *out, float *summed, const float *x, const float *re
     }
 }
 
+void add_rms_norm_f32(float *out, float *summed, const float *x, const float *residual,
+                      const float *weight, int64_t rows, int64_t n, float eps) {
+#pragma omp parallel for if (rows * n >= PARALLEL_ELEMENTS) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        add_rms_norm_rows(out, summed, x, residual, weight, r, r + 1, n, eps);
+}
+
 static inline float silu(float g) {
     return g / (1.f + expf(-g));
 }
 
-/* out[r] = silu(gate_up[r, :n]) * gate_up[r, n:2n]: the gated MLP's activation, reading
- * the fused gate/up projection's output directly. out [rows, n], gate_up [rows, 2n]. */
-void silu_and_mul_f32(float *out, const float *gate_up, int64_t rows, int64_t n) {
-#pragma omp parallel for if (rows * n >= PARALLEL_ELEMENTS) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
+/* out[r] = silu(gate_up[r, :n]) * gate_up[r, n:2n] for rows [first, end): the gated MLP's
+ * activation, reading the fused gate/up projection's output directly. out [rows, n],
+ * gate_up [rows, 2n]. */
+static void silu_and_mul_rows(float *out, const float *gate_up, int64_t first, int64_t end,
+                              int64_t n) {
+    for (int64_t r = first; r < end; r++) {
         const float *g = gate_up + r * 2 * n, *u = g + n;
         float *o = out + r * n;
         int64_t i = 0;
@@ -82,6 +94,11 @@ void silu_and_mul_f32(float *out, const float *gate_up, int64_t rows, int64_t n)
         }
         for (; i < n; i++) o[i] = silu(g[i]) * u[i];
     }
+}
+
+void silu_and_mul_f32(float *out, const float *gate_up, int64_t rows, int64_t n) {
+#pragma omp parallel for if (rows * n >= PARALLEL_ELEMENTS) schedule(static)
+    for (int64_t r = 0; r < rows; r++) silu_and_mul_rows(out, gate_up, r, r + 1, n);
 }
 
 /* Symmetric int8 with one scale per vector: scale = max|x| / 127, q = round(x / scale), the
@@ -106,25 +123,13 @@ static inline void rotate_head(float *x, const float *cos, const float *sin, int
     }
 }
 
-/* For each token row of the fused q/k/v projection ([rows, row_stride], q heads then k heads
- * then v heads, each of head_dim): rotary on q and k in place, then k and v stored at the
- * token's cache slot (caches [num_kv, total_slots, head_dim] of cache_dtype; for int8 also
- * each vector's scale in k_scales/v_scales [num_kv, total_slots]). cos, sin: [rows, head_dim].
- * Returns 0; -1 for an odd head_dim or an unknown cache dtype, -2 for a
- * slot outside the cache (nothing is written then). */
-int rotary_and_cache_f32(float *qkv, int64_t rows, int64_t row_stride, int64_t num_q,
-                         int64_t num_kv, int64_t head_dim, const float *cos, const float *sin,
-                         const int64_t *slots, void *k_cache, void *v_cache, float *k_scales,
-                         float *v_scales, int64_t total_slots, int cache_dtype) {
-    if (head_dim % 2 || cache_dtype < F32 || cache_dtype > I8 ||
-        (cache_dtype == I8 && (k_scales == NULL || v_scales == NULL)))
-        return -1;
-    for (int64_t r = 0; r < rows; r++)
-        if (slots[r] < 0 || slots[r] >= total_slots) return -2;
-    const int64_t D = head_dim;
-#pragma omp parallel for if (rows * (num_q + 2 * num_kv) * D >= PARALLEL_ELEMENTS) \
-    schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
+/* Rows [first, end) of rotary_and_cache_f32 below, its arguments checked. */
+static void rotary_and_cache_rows(float *qkv, int64_t first, int64_t end, int64_t row_stride,
+                                  int64_t num_q, int64_t num_kv, int64_t D, const float *cos,
+                                  const float *sin, const int64_t *slots, void *k_cache,
+                                  void *v_cache, float *k_scales, float *v_scales,
+                                  int64_t total_slots, int cache_dtype) {
+    for (int64_t r = first; r < end; r++) {
         float *row = qkv + r * row_stride;
         const float *c = cos + r * D, *s = sin + r * D;
         for (int64_t h = 0; h < num_q + num_kv; h++) rotate_head(row + h * D, c, s, D);
@@ -140,5 +145,41 @@ int rotary_and_cache_f32(float *qkv, int64_t rows, int64_t row_stride, int64_t n
             }
         }
     }
+}
+
+/* 0 when rotary_and_cache can run: -1 for an odd head_dim or an unknown cache dtype, -2 for a
+ * slot outside the cache. */
+static int check_rotary_and_cache(int64_t rows, int64_t head_dim, const int64_t *slots,
+                                  const float *k_scales, const float *v_scales,
+                                  int64_t total_slots, int cache_dtype) {
+    if (head_dim % 2 || cache_dtype < F32 || cache_dtype > I8 ||
+        (cache_dtype == I8 && (k_scales == NULL || v_scales == NULL)))
+        return -1;
+    for (int64_t r = 0; r < rows; r++)
+        if (slots[r] < 0 || slots[r] >= total_slots) return -2;
     return 0;
 }
+
+/* For each token row of the fused q/k/v projection ([rows, row_stride], q heads then k heads
+ * then v heads, each of head_dim): rotary on q and k in place, then k and v stored at the
+ * token's cache slot (caches [num_kv, total_slots, head_dim] of cache_dtype; for int8 also
+ * each vector's scale in k_scales/v_scales [num_kv, total_slots]). cos, sin: [rows, head_dim].
+ * Returns 0; -1 for an odd head_dim or an unknown cache dtype, -2 for a
+ * slot outside the cache (nothing is written then). */
+int rotary_and_cache_f32(float *qkv, int64_t rows, int64_t row_stride, int64_t num_q,
+                         int64_t num_kv, int64_t head_dim, const float *cos, const float *sin,
+                         const int64_t *slots, void *k_cache, void *v_cache, float *k_scales,
+                         float *v_scales, int64_t total_slots, int cache_dtype) {
+    const int status = check_rotary_and_cache(rows, head_dim, slots, k_scales, v_scales,
+                                              total_slots, cache_dtype);
+    if (status) return status;
+#pragma omp parallel for if (rows * (num_q + 2 * num_kv) * head_dim >= PARALLEL_ELEMENTS) \
+    schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        rotary_and_cache_rows(qkv, r, r + 1, row_stride, num_q, num_kv, head_dim, cos, sin,
+                              slots, k_cache, v_cache, k_scales, v_scales, total_slots,
+                              cache_dtype);
+    return 0;
+}
+
+#pragma GCC pop_options

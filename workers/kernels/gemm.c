@@ -299,7 +299,7 @@ static inline __attribute__((always_inline)) void run_job(const Job *j, const in
     }
 }
 
-static void *worker(void *arg) {
+static void *panels_worker(void *arg) {
     const Job *j = arg;
     const int sparse = j->places != NULL;
     if (j->wtype == WEIGHTS_I8) {
@@ -316,6 +316,16 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* Thread t of num_threads's share of the panels (decode_layers.c runs shares itself). */
+static Job panels_share(const float *x, int64_t m, int64_t ldx, const void *packed,
+                        const uint8_t *places, int wtype, const float *scale, int64_t n,
+                        int64_t k, const float *bias, float *y, int64_t ldy, int t,
+                        int num_threads) {
+    const int64_t panels = (n + PANEL - 1) / PANEL;
+    return (Job){x, packed, places, scale, bias, y, m, ldx, n, k, ldy,
+                 panels * t / num_threads, panels * (t + 1) / num_threads, wtype};
+}
+
 /* x [m, k] with row stride ldx; packed as the layout above, of float32 (wtype 0) or int8
  * (wtype 1, with scale: one float per output column); places: NULL for dense weights, else
  * the places of 2:4 sparse ones (k a multiple of 4); y [m, n] with row stride ldy. */
@@ -328,7 +338,7 @@ void linear_panels(const float *x, int64_t m, int64_t ldx, const void *packed,
     if (num_threads > panels) num_threads = (int)panels;
     Job jobs[MAX_THREADS];
     for (int t = 0; t < num_threads; t++)
-        jobs[t] = (Job){x, packed, places, scale, bias, y, m, ldx, n, k, ldy,
-                        panels * t / num_threads, panels * (t + 1) / num_threads, wtype};
-    run_shares(worker, jobs, sizeof(Job), num_threads);
+        jobs[t] = panels_share(x, m, ldx, packed, places, wtype, scale, n, k, bias, y, ldy, t,
+                               num_threads);
+    run_shares(panels_worker, jobs, sizeof(Job), num_threads);
 }

@@ -196,7 +196,7 @@ static inline void attend_block(const float *q, const float *keys, const float *
     accumulate(acc, correction, scores, values, lo, hi, D);
 }
 
-static void *worker(void *arg) {
+static void *attention_worker(void *arg) {
     const job_t *j = (const job_t *)arg;
     const int64_t D = j->head_dim, BS = j->block_size;
     static __thread float q[MAX_GROUP * MAX_HEAD_DIM], acc[MAX_GROUP * MAX_HEAD_DIM];
@@ -285,6 +285,27 @@ static void balance(const int64_t *context_lens, int64_t num_kv_heads, int64_t w
     bounds[num_threads] = items;
 }
 
+/* 0 when the arguments are within the kernel's limits and every block table is in the pool;
+ * else what paged_decode_attention returns. */
+static int check_decode_attention(const float *k_scales, const float *v_scales,
+                                  const int64_t *block_tables, int64_t max_blocks,
+                                  const int64_t *context_lens, int64_t num_seqs,
+                                  int64_t num_q_heads, int64_t num_blocks, int64_t block_size,
+                                  int64_t head_dim, int dtype, int cache_dtype) {
+    if (head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK || num_q_heads > MAX_GROUP ||
+        dtype < F32 || dtype > F16 || cache_dtype < F32 || cache_dtype > I8 ||
+        (cache_dtype == I8 && (k_scales == NULL || v_scales == NULL)))
+        return -1;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        if (context_lens[s] < 0 || context_lens[s] > max_blocks * block_size) return -2;
+        for (int64_t b = 0; b < (context_lens[s] + block_size - 1) / block_size; b++)
+            if (block_tables[s * max_blocks + b] < 0 ||
+                block_tables[s * max_blocks + b] >= num_blocks)
+                return -2;
+    }
+    return 0;
+}
+
 /* dtype (q, out) and cache_dtype (k_cache, v_cache): 0 float32, 1 bfloat16, 2 float16, and
  * for the cache 3 int8 (k_scales, v_scales then hold each cached vector's scale; else NULL).
  * Returns 0; -1 when a size is over the limits above (the caller then uses its fallback);
@@ -298,17 +319,10 @@ int paged_decode_attention(void *out, const void *q, int64_t q_stride, const voi
                            int64_t num_blocks, int64_t block_size, int64_t head_dim,
                            float scale, int64_t window, int dtype, int cache_dtype,
                            int num_threads) {
-    if (head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK || num_q_heads > MAX_GROUP ||
-        dtype < F32 || dtype > F16 || cache_dtype < F32 || cache_dtype > I8 ||
-        (cache_dtype == I8 && (k_scales == NULL || v_scales == NULL)))
-        return -1;
-    for (int64_t s = 0; s < num_seqs; s++) {
-        if (context_lens[s] < 0 || context_lens[s] > max_blocks * block_size) return -2;
-        for (int64_t b = 0; b < (context_lens[s] + block_size - 1) / block_size; b++)
-            if (block_tables[s * max_blocks + b] < 0 ||
-                block_tables[s * max_blocks + b] >= num_blocks)
-                return -2;
-    }
+    const int status = check_decode_attention(k_scales, v_scales, block_tables, max_blocks,
+                                              context_lens, num_seqs, num_q_heads, num_blocks,
+                                              block_size, head_dim, dtype, cache_dtype);
+    if (status) return status;
     const int64_t items = num_seqs * num_kv_heads;
     if (num_threads < 1) num_threads = 1;
     if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
@@ -323,6 +337,6 @@ int paged_decode_attention(void *out, const void *q, int64_t q_stride, const voi
                     bounds[t + 1]};
         jobs[t] = jb;
     }
-    run_shares(worker, jobs, sizeof(job_t), num_threads);
+    run_shares(attention_worker, jobs, sizeof(job_t), num_threads);
     return 0;
 }

@@ -13,6 +13,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..layers.attention import AttentionMetadata, HeadLayout, LayerKVCache, paged_attention
+from ..layers.decode_layers import DecodeLayers
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.fused import rotary_and_cache, silu_and_mul
 from ..layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -142,6 +143,12 @@ class LlamaForCausalLM(nn.Module):
             self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype, device)
             self.lm_head = ParallelLMHead(shape.vocab_size, shape.hidden_size, ctx, dtype, device)
 
+    # The layers in one C call for decode-only steps, where that applies (after packing).
+    decode_layers: DecodeLayers | None = None
+
+    def prepare_decode_layers(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.decode_layers = DecodeLayers.for_layers(self.layers, self.ctx, dtype, device)
+
     def load(self, reader) -> None:
         if self.ctx.is_first_stage:
             self.embed_tokens.load(reader.get("model.embed_tokens.weight"))
@@ -167,9 +174,13 @@ class LlamaForCausalLM(nn.Module):
             chunk = hidden.shape[0] // ctx.tp_size
             hidden = hidden[ctx.tp_rank * chunk:(ctx.tp_rank + 1) * chunk]
         cos_sin = self.rotary.cos_sin(positions, meta.token_seq_lens)  # once for every layer
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(cos_sin, hidden, residual, kv_cache, meta)
+        native = self.decode_layers and self.decode_layers.run(hidden, *cos_sin, kv_caches, meta)
+        if native:
+            hidden, residual = native
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                hidden, residual = layer(cos_sin, hidden, residual, kv_cache, meta)
         if residual is not None:
             hidden = residual + hidden
         if ctx.sequence_parallel:
