@@ -15,10 +15,11 @@ equal transformers' (its padded batch, or where padding flips a near-tied choice
 one prompt at a time). Then batch-1 latency: ms to prefill a 256-token prompt and ms per
 decoded token after it, for the two engines and for llama.cpp (`--systems ...,llama.cpp`:
 llama-cpp-python built from source in .venv-llamacpp, 6-12 minutes once, and SmolLM2
-converted to an F32 GGUF by llama.cpp's bundled converter; batch 1 only). Two more shardserve
+converted to an F32 GGUF by llama.cpp's bundled converter; batch 1 only). More shardserve
 rows on request: `shardserve-panels` (float32 linears through workers/kernels/gemm.c instead of
-oneDNN's packed GEMM) and `shardserve-bfloat16` (bf16 weights, what `dtype: auto` picks on a
-CPU with bf16 instructions), and the compression variants (`shardserve-int8-weight`,
+oneDNN's packed GEMM), `shardserve-per-kernel` (decode steps one kernel call at a time, not
+one call per stage into workers/kernels/decode_layers.c), `shardserve-bfloat16` (bf16
+weights, what `dtype: auto` picks on a CPU with bf16 instructions), and the compression variants (`shardserve-int8-weight`,
 `-w8a8-smoothquant`, `-llm-int8`, `-2:4`, `-2:4-int8-weight`; `--recovered DIR` adds a 2:4
 model recovered by distillation).
 """
@@ -122,6 +123,7 @@ def run_isolated(cmd: list[str]) -> dict:
 # shardserve variants beside the default row: their systems.py options
 VARIANTS = {"shardserve-panels": ["--cpu-gemm", "panels"],
             "shardserve-onednn": ["--cpu-gemm", "onednn"],
+            "shardserve-per-kernel": ["--decode-layers", "python"],
             "shardserve-bfloat16": ["--dtype", "bfloat16"],
             "shardserve-int8-weight": ["--quantization", "int8-weight"],
             "shardserve-w8a8-smoothquant": ["--quantization", "w8a8-smoothquant"],

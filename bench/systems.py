@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -115,7 +116,12 @@ def main() -> None:
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--cpu-gemm", default="auto")
     parser.add_argument("--sparsity", default="none")
+    parser.add_argument("--decode-layers", choices=["native", "python"], default="native",
+                        help="python: the per-kernel path instead of workers/kernels/"
+                             "decode_layers.c (set before the engine starts its workers)")
     args = parser.parse_args()
+    if args.decode_layers == "python":
+        os.environ["SHARDSERVE_DECODE_LAYERS"] = "python"
     requests = make_workload(args.num_requests)
     if args.system == "transformers":
         run = run_transformers(requests, args.dtype, args.batch, args.model)
