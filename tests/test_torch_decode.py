@@ -12,8 +12,10 @@ from shardserve.workers.layers import attention
 
 @pytest.fixture
 def torch_decode(monkeypatch):
-    """Decodes through SDPA over gathered blocks, as on a GPU."""
+    """Decodes through SDPA over gathered blocks, as on a GPU (so neither C decode path runs:
+    not the paged attention kernel, nor the whole-stage decode_layers.c)."""
     monkeypatch.setattr(attention, "paged_decode_library", lambda: None)
+    monkeypatch.setenv("SHARDSERVE_DECODE_LAYERS", "python")
 
 
 @pytest.mark.parametrize("variant", ["llama-gqa", "llama-mqa", "llama-mha", "qwen2-gqa",
