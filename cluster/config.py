@@ -70,6 +70,8 @@ class CacheConfig:
     kv_memory_fraction: float = 0.25
     # Exact number of blocks (mostly for tests); overrides both budgets.
     num_kv_blocks: int | None = None
+    # Reuse the KV of full blocks whose prefix an earlier request computed (cluster/kv_manager.py).
+    enable_prefix_caching: bool = True
 
 
 @dataclass

@@ -65,7 +65,7 @@ class Engine:
         useful = config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size)
         num_blocks = min(num_blocks, useful)
         self.executor.allocate_kv(num_blocks, cache.block_size)
-        self.kv = KVCacheManager(num_blocks, cache.block_size)
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         first_shard = self.executor.describe()["shards"][0]
         log.info("KV cache: %d blocks of %d tokens (%d tokens), stored as %s", num_blocks,
                  cache.block_size, self.kv.capacity_tokens, first_shard["kv_cache_dtype"])
@@ -369,6 +369,10 @@ class Engine:
                 self.speculation.accepted_tokens += kept
             else:
                 seq.num_computed_tokens += item.num_tokens
+            # Before the new tokens are appended (a finishing sequence frees its blocks then):
+            # the blocks this step filled become reusable prefixes.
+            self.kv.cache_computed_blocks(seq.seq_id, min(seq.num_computed_tokens,
+                                                          seq.num_tokens), seq.token_ids)
             if tokens is None:
                 continue  # a prompt chunk that did not reach the end yet
             try:
@@ -471,6 +475,8 @@ class Engine:
         restart = getattr(self.executor, "restart", None)
         if restart is None:
             raise ExecutorError("this executor cannot restart")
+        # The new shards' KV caches are empty: no block holds a cached prefix any more.
+        self.kv.drop_prefix_cache()
         restart()
         self.num_restarts += 1
         self.state = SERVING
@@ -528,6 +534,7 @@ def output_of(seq: Sequence, delta_ids: list[int], delta_logprobs: list[TokenLog
         arrival_time=seq.arrival_time,
         first_token_time=seq.first_token_time,
         num_preemptions=seq.num_preemptions,
+        num_cached_tokens=seq.num_cached_tokens,
         num_draft_tokens=seq.num_draft_tokens,
         num_accepted_tokens=seq.num_accepted_tokens,
     )

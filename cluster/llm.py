@@ -33,6 +33,7 @@ class CompletionResult:
     logprobs: list[TokenLogprob] | None = None
     num_preemptions: int = 0
     time_to_first_token_s: float | None = None  # from submission to the first generated token
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class LLM:
@@ -89,7 +90,8 @@ class LLM:
                         logprobs[out.request_id] if out.logprobs is not None else None,
                         out.num_preemptions,
                         None if out.first_token_time is None
-                        else out.first_token_time - out.arrival_time)
+                        else out.first_token_time - out.arrival_time,
+                        out.num_cached_tokens)
         return [results[i] for i in ids]
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],

@@ -32,6 +32,15 @@ class Metrics:
                                     ["replica"], registry=r)
         self.kv_blocks_total = Gauge("shardserve_kv_blocks_total", "KV cache blocks in the pool",
                                      ["replica"], registry=r)
+        # prefix caching: hit rate = hit / queried
+        self.kv_blocks_cached = Gauge("shardserve_kv_blocks_cached", "KV cache blocks holding a "
+                                      "reusable prefix (in use or not)", ["replica"], registry=r)
+        self.prefix_queried_tokens = Counter("shardserve_prefix_cache_queried_tokens",
+                                             "Tokens of admitted sequences looked up in the "
+                                             "prefix cache", registry=r)
+        self.prefix_hit_tokens = Counter("shardserve_prefix_cache_hit_tokens",
+                                         "Tokens of admitted sequences whose KV the prefix "
+                                         "cache held (not computed again)", registry=r)
         self.replica_serving = Gauge("shardserve_replica_serving", "1 while the replica's "
                                      "shards serve, 0 while they restart or are down",
                                      ["replica"], registry=r)

@@ -33,6 +33,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     # speculative decoding so far: draft tokens proposed for this request, and kept
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
@@ -52,6 +53,7 @@ class RequestOutput:
             finish_reason=later.finish_reason, logprobs=logprobs, error=later.error,
             error_code=later.error_code, arrival_time=self.arrival_time,
             first_token_time=self.first_token_time or later.first_token_time,
-            num_preemptions=later.num_preemptions, num_draft_tokens=later.num_draft_tokens,
+            num_preemptions=later.num_preemptions,
+            num_cached_tokens=later.num_cached_tokens, num_draft_tokens=later.num_draft_tokens,
             num_accepted_tokens=later.num_accepted_tokens, token_ids=later.token_ids,
             text=later.text)

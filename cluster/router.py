@@ -119,6 +119,7 @@ class EngineLoop:
         self._lock = threading.Lock()
         self.outstanding = 0  # accepted and not finished, counted from the caller's side
         self._preemptions_seen = 0
+        self._prefix_seen = (0, 0)  # the scheduler's queried and hit tokens, last published
         self._restarts_seen = 0
         self._speculation_seen = SpeculationStats()
         self._stop = threading.Event()
@@ -286,6 +287,12 @@ class EngineLoop:
         m.queue_depth.labels(replica).set(e.num_waiting)
         m.running.labels(replica).set(e.num_running)
         m.kv_blocks_used.labels(replica).set(e.kv.num_used_blocks)
+        m.kv_blocks_cached.labels(replica).set(e.kv.num_cached_blocks)
+        prefix = (e.scheduler.prefix_queried_tokens, e.scheduler.prefix_hit_tokens)
+        if prefix != self._prefix_seen:
+            m.prefix_queried_tokens.inc(prefix[0] - self._prefix_seen[0])
+            m.prefix_hit_tokens.inc(prefix[1] - self._prefix_seen[1])
+            self._prefix_seen = prefix
         m.replica_serving.labels(replica).set(1 if e.healthy else 0)
         preemptions = e.scheduler.num_preemptions
         if preemptions > self._preemptions_seen:
@@ -378,7 +385,7 @@ class Router:
             self.metrics.requests.labels("rejected_invalid").inc()
             raise ValueError(f"request_id {client_request_id!r} is already in use by a request "
                              "in flight; choose a unique id")
-        loop = min(serving, key=lambda lp: lp.outstanding)
+        loop = self._choose_replica(serving, prompt_token_ids)
         stream = OutputStream()
         ticket = Ticket(str(next(self._ids)), stream.push, loop)
         if client_request_id is not None:
@@ -395,6 +402,22 @@ class Router:
             self._active.discard(client_request_id)
             if not finished:
                 ticket.cancel()
+
+    def _choose_replica(self, serving: list[EngineLoop], prompt_token_ids: list[int]
+                        ) -> EngineLoop:
+        """The least loaded serving replica, unless one within a few requests of it holds
+        more of this prompt in its prefix cache (prefix-aware balancing): computing a long
+        shared prefix again costs more than waiting behind a few requests."""
+        least = min(serving, key=lambda lp: lp.outstanding)
+        if len(serving) == 1:
+            return least
+        slack = max(1, self.config.scheduler.max_num_seqs // 4)
+        near = [lp for lp in serving if lp.outstanding <= least.outstanding + slack]
+        # Read from this thread while the engine threads change their caches: a lookup sees
+        # a name or not, and a stale answer only costs a recomputed block.
+        best = max(near, key=lambda lp: (lp.engine.kv.cached_prefix_len(prompt_token_ids),
+                                         -lp.outstanding))
+        return best if best.engine.kv.cached_prefix_len(prompt_token_ids) else least
 
     def stop(self) -> None:
         for loop in self.loops:

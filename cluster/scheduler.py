@@ -12,6 +12,9 @@ are freed and it waits at the head of the queue to be recomputed.
 Static batching (the baseline): a batch is admitted only when the previous one has finished
 entirely, so early finishers leave their slots idle until the longest member ends.
 
+Prefix caching: a sequence admitted with nothing computed starts with the cached blocks of its
+longest cached prefix (kv_manager.py), so only the rest counts against the token budget.
+
 Lanes: with pipeline parallelism several batches are in flight at once, one per lane, so that
 every stage has work. Each running sequence belongs to one lane; a lane is scheduled only
 when its previous batch has come back, and preempts only its own sequences (the others may be
@@ -59,6 +62,9 @@ class Scheduler:
         # forcing running sequences out (thrashing).
         self.watermark = max(1, kv.num_blocks // 100)
         self.num_preemptions = 0
+        # prefix caching: tokens of admitted sequences looked up, and found, in the cache
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         if front:
@@ -119,13 +125,20 @@ class Scheduler:
             return scheduled
         while self.waiting and budget > 0 and len(running) < self.max_seqs_per_lane:
             seq = self.waiting[0]
+            cached = self.kv.share_cached_prefix(seq.seq_id, seq.token_ids(0, seq.num_tokens))
+            seq.num_computed_tokens = cached
             n = min(seq.num_uncomputed_tokens, budget)
             if self.policy == "static":
                 n = 0  # a static batch is admitted whole; its prompts are computed next step
             elif not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + n,
                                       reserve=self.watermark if self.running else 0):
+                self.kv.free(seq.seq_id)  # the cached blocks it was lent, if any
+                seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            seq.num_cached_tokens = cached
+            self.prefix_queried_tokens += seq.num_tokens
+            self.prefix_hit_tokens += cached
             seq.status = SequenceStatus.RUNNING
             seq.lane = lane
             self.running.append(seq)

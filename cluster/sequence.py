@@ -44,6 +44,7 @@ class Sequence:
     finish_reason: str | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # of its prompt, found in the prefix cache when last admitted
     num_failures: int = 0  # shard failures this request was caught in
     lane: int = 0  # which in-flight batch it runs in (pipeline parallelism), see scheduler
     # Speculative decoding: draft tokens the scheduler makes room for this step (set by the

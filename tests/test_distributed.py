@@ -7,7 +7,7 @@ import time
 
 import pytest
 import ray
-from tiny import hf_greedy, mixed_prompts
+from tiny import hf_greedy, mixed_prompts, shared_prefix_prompts
 
 from shardserve import LLM, SamplingParams
 
@@ -72,6 +72,27 @@ def test_preemption_across_shards(ray_cluster, tiny_model):
                                          for n in max_tokens])
         assert llm.engine.scheduler.num_preemptions > 0
         assert [r.token_ids for r in results] == expected
+        assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
+def test_prefix_caching_in_every_layout(ray_cluster, tiny_model, tp, pp):
+    """Shared prefixes across shards, with preemption: one block table decision, every shard
+    reads the same cached blocks; tokens equal transformers' the first time and when cached."""
+    model_dir = tiny_model("llama-gqa")
+    prompts, max_tokens = shared_prefix_prompts(8)
+    expected = hf_greedy(model_dir, prompts, max_tokens)
+    llm = serve(model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                num_kv_blocks=20, block_size=8)
+    try:
+        params = [SamplingParams(max_tokens=n, temperature=0) for n in max_tokens]
+        assert [r.token_ids for r in llm.generate(prompts, params)] == expected
+        again = llm.generate(prompts, params)
+        assert [r.token_ids for r in again] == expected
+        assert all(r.num_cached_tokens > 0 for r in again)
+        assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
     finally:
         llm.shutdown()

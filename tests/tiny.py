@@ -111,6 +111,15 @@ def mixed_prompts(count: int = 6, seed: int = 1) -> tuple[list[list[int]], list[
     return prompts, max_tokens
 
 
+def shared_prefix_prompts(count: int, prefix_len: int = 40, seed: int = 3):
+    """Prompts that start with one shared prefix and end differently."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(2, VOCAB - 1, (prefix_len,), generator=g).tolist()
+    suffixes = [torch.randint(2, VOCAB - 1, (n,), generator=g).tolist()
+                for n in [1, 9, 3, 17, 30, 5, 12, 24][:count]]
+    return [prefix + s for s in suffixes], [12, 30, 5, 20, 40, 1, 25, 8][:count]
+
+
 def agreement(a: list[int], b: list[int]) -> float:
     """The share of a's tokens equal to b's before the first difference."""
     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
