@@ -144,7 +144,8 @@ class GenerationServicer:
             usage=pb.Usage(prompt_tokens=len(final.prompt_token_ids),
                            completion_tokens=len(token_ids),
                            draft_tokens=final.num_draft_tokens,
-                           accepted_draft_tokens=final.num_accepted_tokens),
+                           accepted_draft_tokens=final.num_accepted_tokens,
+                           cached_prompt_tokens=final.num_cached_tokens),
             logprobs=_logprobs(logprobs), time_to_first_token_s=ttft)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context
@@ -162,6 +163,7 @@ class GenerationServicer:
                 message.usage.completion_tokens = generated
                 message.usage.draft_tokens = out.num_draft_tokens
                 message.usage.accepted_draft_tokens = out.num_accepted_tokens
+                message.usage.cached_prompt_tokens = out.num_cached_tokens
             yield message
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:

@@ -86,3 +86,32 @@ def test_a_dead_replica_is_skipped_its_requests_move_and_it_comes_back(ray_clust
     finally:
         watching.set()
         stop()
+
+
+def test_requests_sharing_a_prefix_go_to_the_replica_that_has_it_cached(ray_cluster,
+                                                                        tiny_model):
+    """Replica 1 computes prefix B while replica 0 is busy; once both are idle (equal load,
+    where least-loaded would pick replica 0), B's next request still goes to replica 1 and
+    is served from its cache."""
+    from tiny import shared_prefix_prompts
+
+    client, info, stop = start(tiny_model("llama-gqa"), replicas=2, num_kv_blocks=64,
+                               block_size=8)
+    try:
+        (a, _), (b, b_again) = (shared_prefix_prompts(2, seed=s)[0] for s in (7, 8))
+        busy = client.generate_stream(a, max_tokens=200, temperature=0, ignore_eos=True)
+        next(busy)  # replica 0 is working on a
+        first = client.generate(b, max_tokens=4, temperature=0)
+        assert first.usage.cached_prompt_tokens == 0
+        assert [r.finished for r in client.model_info().replica_states] == [0, 1]
+        for _ in busy:
+            pass
+        wait_for(lambda: all(r.running == 0 for r in client.model_info().replica_states))
+        again = client.generate(b_again, max_tokens=4, temperature=0)
+        assert again.usage.cached_prompt_tokens == 40  # the shared prefix, five blocks
+        assert [r.finished for r in client.model_info().replica_states] == [1, 2]
+        values = metrics(info)
+        assert values["shardserve_prefix_cache_hit_tokens_total"] == 40
+        assert values['shardserve_kv_blocks_cached{replica="1"}'] >= 5
+    finally:
+        stop()
