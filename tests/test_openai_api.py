@@ -4,6 +4,8 @@ server on 127.0.0.1 (shard actors on a local Ray cluster), compared with the gRP
 from __future__ import annotations
 
 import json
+import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -22,17 +24,17 @@ CHAT = [{"role": "system", "content": "w10 w11"}, {"role": "user", "content": "w
 
 
 def _server_with_keyed_api():
-    """The server actor, and a second HTTP API on the same router that needs an API key.
-    (The config keys for API keys are not ours to add: this passes them straight to
-    start_http_server.) Defined here, Ray ships the class to the actor by value."""
+    """The server actor, and a second HTTP API on the same router that needs an API key and
+    speaks TLS. (Config keys for those are not this module's to add: the test passes them
+    straight to start_http_server.) Defined here, Ray ships the class to the actor by value."""
 
     class KeyedServerActor(ServerActor):
-        async def start_keyed_http(self, keys: list[str]) -> int:
+        async def start_keyed_http(self, keys: list[str], certfile: str, keyfile: str) -> int:
             from shardserve.cluster.openai_api import start_http_server
 
             self._keyed, port = await start_http_server(
                 self.router, self.engine_config.model, "127.0.0.1", 0, self.server_config.limits,
-                api_keys=frozenset(keys))
+                api_keys=frozenset(keys), ssl_certfile=certfile, ssl_keyfile=keyfile)
             return port
 
         async def stop(self) -> None:
@@ -54,20 +56,31 @@ def served(ray_cluster, tmp_path_factory):
     actor = ray.remote(_server_with_keyed_api()).options(num_cpus=0, max_concurrency=1000).remote(
         config, ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0))
     info = ray.get(actor.start.remote())
-    keyed_port = ray.get(actor.start_keyed_http.remote(list(KEYS)))
+    cert, key = _self_signed_certificate(tmp_path_factory.mktemp("tls"))
+    keyed_port = ray.get(actor.start_keyed_http.remote(list(KEYS), cert, key))
     grpc_client = Client(f"127.0.0.1:{info['grpc_port']}")
     api = openai.OpenAI(base_url=f"http://127.0.0.1:{info['http_port']}/v1", api_key="unused",
                         max_retries=0, timeout=60)
-    yield api, grpc_client, info, keyed_port, model
+    yield api, grpc_client, info, (keyed_port, cert), model
     api.close()
     grpc_client.close()
     ray.get(actor.stop.remote())
     ray.kill(actor)
 
 
-def _get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
+def _self_signed_certificate(directory) -> tuple[str, str]:
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return cert, key
+
+
+def _get(url: str, headers: dict | None = None,
+         context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {})) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                    context=context) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -179,19 +192,39 @@ def test_bad_chat_requests_are_400_and_other_models_404(served):
     assert err.value.code == "model_not_found"
 
 
-def test_api_key_is_required_on_v1_only(served):
-    api, _, _, port, model = served
-    base = f"http://127.0.0.1:{port}"
-    status, body = _get(f"{base}/v1/models")
+def test_api_key_is_required_on_v1_only_over_tls(served):
+    _, _, _, (port, cert), model = served
+    base = f"https://127.0.0.1:{port}"
+    trusted = ssl.create_default_context(cafile=cert)
+
+    def client(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0,
+                             http_client=openai.DefaultHttpxClient(verify=trusted))
+
+    status, body = _get(f"{base}/v1/models", context=trusted)
     assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
-    with openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0) as wrong:
-        with pytest.raises(openai.AuthenticationError):
-            wrong.completions.create(model=model, prompt="w5", max_tokens=2)
+    with client("wrong") as wrong, pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model=model, prompt="w5", max_tokens=2)
     for key in KEYS:
-        with openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0) as keyed:
+        with client(key) as keyed:
             assert keyed.completions.create(model=model, prompt="w5", max_tokens=2,
                                             temperature=0).usage.completion_tokens == 2
-    assert _get(f"{base}/health")[0] == 200
+    assert _get(f"{base}/health", context=trusted)[0] == 200
+    with pytest.raises(urllib.error.URLError):  # the certificate is checked, not ignored
+        _get(f"{base}/health")
+
+
+def test_refusals_get_openai_statuses():
+    from shardserve.cluster.engine import EngineUnavailableError
+    from shardserve.cluster.openai_api import APIError, _generation_errors
+    from shardserve.cluster.router import OverloadedError
+
+    for error, status, kind in ((ValueError("bad"), 400, "invalid_request_error"),
+                                (OverloadedError("full"), 429, "rate_limit_error"),
+                                (EngineUnavailableError("down"), 503, "server_error")):
+        with pytest.raises(APIError) as raised, _generation_errors():
+            raise error
+        assert (raised.value.status, raised.value.body()["error"]["type"]) == (status, kind)
 
 
 def test_disconnect_during_a_stream_aborts_the_request(served):
