@@ -37,6 +37,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from shardserve.workers.step import SamplingParams
 
@@ -89,6 +90,10 @@ def _generation_errors():
         raise APIError(429, str(e), code="server_overloaded") from None
     except EngineUnavailableError as e:
         raise APIError(503, str(e), code="service_unavailable") from None
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer; there is nobody to answer."""
 
 
 def _failed(out: RequestOutput) -> APIError:
@@ -221,12 +226,15 @@ class ChatCompletionRequest(_GenerationRequest):
 async def _parse(request: Request, model: type[BaseModel], limit: int) -> Any:
     """The request body as `model`, read no further than `limit` bytes."""
     body, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(400, f"the request body is over the server's limit of {limit:,} "
-                                "bytes (server.limits.max_message_bytes)")
-        body.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(400, f"the request body is over the server's limit of "
+                                    f"{limit:,} bytes (server.limits.max_message_bytes)")
+            body.append(chunk)
+    except ClientDisconnect:
+        raise _ClientGone() from None
     try:
         return model.model_validate_json(b"".join(body))
     except ValidationError as e:
@@ -302,6 +310,8 @@ class _Answer:
     def opening_chunks(self) -> list[dict]:
         return []
 
+    # Each kind of answer says how its logprobs and its one choice look.
+
     def logprobs(self, entries: list[TokenLogprob]) -> dict: ...
 
     def whole_choice(self, text: str, logprobs: dict | None, reason: str) -> dict: ...
@@ -375,10 +385,6 @@ def _sse(data: dict | str) -> str:
 
 
 # --- disconnects ----------------------------------------------------------------------------
-
-class _ClientGone(Exception):
-    pass
-
 
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
