@@ -123,6 +123,22 @@ def test_streamed_completion_and_usage(served):
     assert text_chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_stream_is_server_sent_events_ending_in_done(served):
+    _, _, info, _, model = served
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{info['http_port']}/v1/chat/completions", method="POST",
+        headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": model, "messages": CHAT, "max_tokens": 3, "stream": True,
+                         "stream_options": {"include_usage": True}}).encode())
+    with urllib.request.urlopen(request) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        events = response.read().decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    usage = json.loads(events[-3].removeprefix("data: "))
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+
+
 def test_chat_gives_what_grpc_gives(served):
     api, grpc_client, _, _, model = served
     expected = grpc_client.generate(CHAT, max_tokens=6, temperature=0)
