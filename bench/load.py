@@ -226,9 +226,10 @@ def free_ports(n: int) -> list[int]:
 def started_server(config: str | None, log_path: str, startup_timeout: float = 600):
     """`shardserve serve` on free loopback ports for the duration of the block; yields its
     HOST:PORT. Its output goes to log_path, so that a full pipe can never stall it."""
-    port, metrics_port = free_ports(2)
+    port, metrics_port, http_port = free_ports(3)
     command = [sys.executable, "-m", "shardserve.cluster.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--metrics-port", str(metrics_port)]
+               "--port", str(port), "--metrics-port", str(metrics_port),
+               "--http-port", str(http_port)]
     if config:
         command += ["--config", config]
     env = dict(os.environ)

@@ -157,7 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     engine_config, server_config = load_config(args.config)
     overrides = {k: v for k, v in (("address", args.address), ("host", args.host),
-                                   ("port", args.port), ("metrics_port", args.metrics_port))
+                                   ("port", args.port), ("metrics_port", args.metrics_port),
+                                   ("http_port", args.http_port))
                  if v is not None}
     server_config = dataclasses.replace(server_config, **overrides)
     if args.model:
@@ -183,6 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"shardserve is serving {engine_config.model} on {host}:{info['grpc_port']} (gRPC)"
           + (f", metrics on http://{host}:{info['metrics_port']}/metrics"
              if info["metrics_port"] else ""), flush=True)
+    if info["http_port"]:
+        print(f"OpenAI-compatible HTTP on http://{host}:{info['http_port']}/v1", flush=True)
     kv_reason = ("auto: the model's dtype, token-exact" if engine_config.kv_cache_dtype == "auto"
                  else "as configured")
     weights = (f"weights {info['weight_bytes'] / 2 ** 20:.0f} MiB"
@@ -269,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="gRPC port (default 50051)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 9400)")
+    serve.add_argument("--http-port", type=int,
+                       help="OpenAI-compatible HTTP API port (default 8000)")
     serve.set_defaults(func=cmd_serve)
 
     quality = sub.add_parser("quality", help="perplexity of the model, and with a quantization "

@@ -5,7 +5,7 @@
     parallel: {tensor_parallel_size: 1, pipeline_parallel_size: 1}
     kv_cache: {block_size: 16, kv_cache_memory: 2GiB}
     scheduler: {scheduling_policy: continuous, max_num_seqs: 64}
-    server: {port: 50051, metrics_port: 9400}
+    server: {port: 50051, metrics_port: 9400, http_port: 8000}
 """
 
 from __future__ import annotations
@@ -245,6 +245,7 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int | None = 9400  # None disables the Prometheus endpoint
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP API; None disables it
     # Ray cluster to join: None starts a local one; "auto" joins the one on this node.
     address: str | None = None
     # What one request may ask for; past a limit it gets INVALID_ARGUMENT naming it.

@@ -9,17 +9,15 @@ ends that request alone with INTERNAL (and frees its blocks); the server goes on
 
 The Generation methods take raw bytes and parse them here, so that a message that does not
 parse is the client's error (INVALID_ARGUMENT), not the UNKNOWN grpc would answer.
-Tokenization and chat templates run on worker threads, so a large prompt never stalls other
-streams or health checks.
+Admission (admission.py, shared with the HTTP API) tokenizes and applies chat templates on
+worker threads, so a large prompt never stalls other streams or health checks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -29,8 +27,9 @@ from grpc_reflection.v1alpha import reflection
 from shardserve.proto import shardserve_pb2 as pb
 from shardserve.workers.step import SamplingParams
 
+from .admission import Admission
 from .engine import EngineUnavailableError
-from .limits import RequestLimits, check_prompt_tokens, check_request
+from .limits import RequestLimits, check_request
 from .outputs import RequestOutput, TokenLogprob
 from .router import OverloadedError, Router
 
@@ -68,41 +67,20 @@ class GenerationServicer:
         self.router = router
         self.model_name = model_name
         self.limits = limits
-        # Few threads: a pile of huge prompts waits its turn here rather than crowding the
-        # event loop's thread off the CPU.
-        self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
-
-    async def _off_loop(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
-
-    # --- admission --------------------------------------------------------------------------
-
-    def _prompt_tokens(self, request: pb.GenerateRequest, params: SamplingParams,
-                       chat: list[dict[str, str]] | None) -> list[int]:
-        """Tokenize (or template) and validate; runs on a worker thread. Raises ValueError."""
-        kind = request.WhichOneof("prompt")
-        if kind == "chat":
-            token_ids = self.router.tokenize_chat(chat)
-        elif kind == "text":
-            token_ids = self.router.tokenize(request.text)
-        else:
-            token_ids = list(request.token_ids.ids)
-        check_prompt_tokens(self.limits, len(token_ids))
-        self.router.validate(token_ids, params)
-        return token_ids
+        self.admission = Admission(router, limits)
 
     async def _start(self, request: pb.GenerateRequest, context) -> AsyncIterator[RequestOutput]:
         """Check and submit; aborts the RPC with the right status on bad input."""
         try:
             kind = request.WhichOneof("prompt")
-            chat = _chat_messages(request) if kind == "chat" else None
-            check_request(
-                self.limits, text=request.text if kind == "text" else None,
-                token_ids=request.token_ids.ids if kind == "token_ids" else None, chat=chat,
-                stop=tuple(request.stop), stop_token_ids=tuple(request.stop_token_ids),
-                request_id=request.request_id)
             params = sampling_params(request)
-            token_ids = await self._off_loop(self._prompt_tokens, request, params, chat)
+            token_ids = await self.admission.prompt_tokens(
+                text=request.text if kind == "text" else None,
+                token_ids=request.token_ids.ids if kind == "token_ids" else None,
+                chat=_chat_messages(request) if kind == "chat" else None,
+                stop=params.stop, stop_token_ids=params.stop_token_ids,
+                request_id=request.request_id)
+            await self.admission.validate(token_ids, params)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not self.router.healthy:
@@ -212,7 +190,7 @@ class GenerationServicer:
                             add_special_tokens=request.add_special_tokens).input_ids
             return pb.TokenizeResponse(token_ids=ids, tokens=tokenizer.convert_ids_to_tokens(ids))
 
-        return await self._off_loop(tokenize)
+        return await self.admission.off_loop(tokenize)
 
 
 def _server_request_id() -> str:

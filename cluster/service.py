@@ -1,4 +1,5 @@
-"""The server actor: router, gRPC server and metrics endpoint in one Ray actor process.
+"""The server actor: router, gRPC server, OpenAI-compatible HTTP API and metrics endpoint in
+one Ray actor process.
 
 `shardserve serve` starts one on its own node (so the address it prints is reachable where the
 user ran it); the actor places the shards, starts serving and reports where it listens.
@@ -11,6 +12,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 from .config import EngineConfig, ServerConfig
+from .openai_api import start_http_server
 from .router import Router
 from .server import start_grpc_server
 
@@ -23,6 +25,7 @@ HEALTH_POLL_S = 1.0
 class Listening:
     grpc_port: int
     metrics_port: int | None
+    http_port: int | None
     host: str
     node_ip: str
     # What `auto` settings resolved to on the shards, and why; printed at start.
@@ -46,6 +49,7 @@ class ServerActor:
         self.server_config = server_config
         self.router: Router | None = None
         self._grpc = None
+        self._http = None
         self._health_task = None
 
     async def start(self) -> dict:
@@ -57,13 +61,17 @@ class ServerActor:
             None, Router, self.engine_config, c.address)
         self._grpc, port, reporter = await start_grpc_server(
             self.router, self.engine_config.model, c.host, c.port, c.limits)
+        http_port = None
+        if c.http_port is not None:
+            self._http, http_port = await start_http_server(
+                self.router, self.engine_config.model, c.host, c.http_port, c.limits)
         metrics_port = None
         if c.metrics_port is not None:
             metrics_port = self.router.metrics.serve(c.host, c.metrics_port)
         self._health_task = asyncio.create_task(self._watch_health(reporter))
         shards = self.router.engine.executor.describe()["shards"]
         shard = shards[0]
-        listening = Listening(port, metrics_port, c.host, ray.util.get_node_ip_address(),
+        listening = Listening(port, metrics_port, http_port, c.host, ray.util.get_node_ip_address(),
                               shard["dtype"], shard["dtype_reason"], shard["kv_cache_dtype"],
                               shard["quantization"], shard["sparsity"], sum(s["weight_bytes"] for s in shards),
                               shard["cpu_gemm"], shard["cpu_gemm_reason"],
@@ -90,6 +98,8 @@ class ServerActor:
     async def stop(self) -> None:
         if self._health_task:
             self._health_task.cancel()
+        if self._http is not None:
+            await self._http.stop()
         if self._grpc is not None:
             await self._grpc.stop(grace=5)
         if self.router is not None:

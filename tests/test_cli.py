@@ -31,11 +31,12 @@ num_threads: 1
 parallel: {{tensor_parallel_size: 2, num_cpus_per_shard: 0.5}}
 kv_cache: {{num_kv_blocks: 64}}
 """)
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     log = open(config.with_suffix(".log"), "w+")
     proc = subprocess.Popen([*SHARDSERVE, "serve", "--config", str(config), "--host",
                              "127.0.0.1", "--port", str(port), "--metrics-port",
-                             str(metrics_port)], stdout=log, stderr=subprocess.STDOUT,
+                             str(metrics_port), "--http-port", str(http_port)],
+                            stdout=log, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.time() + 180
     while "is serving" not in open(log.name).read():
@@ -55,6 +56,7 @@ def generate(target: str, *args: str) -> subprocess.CompletedProcess:
 def test_serve_says_where_it_listens_and_what_auto_chose(served):
     _, target, log = served
     assert f"on {target} (gRPC)" in open(log).read()
+    assert "OpenAI-compatible HTTP on http://127.0.0.1:" in open(log).read()
     deadline = time.time() + 10
     while "CPU threads per shard" not in open(log).read() and time.time() < deadline:
         time.sleep(0.2)

@@ -63,7 +63,8 @@ def fuzz_server(ray_cluster, tiny_model):
                                            speculative={"method": "ngram", "num_tokens": 3,
                                                         "disable_above_batch": 0})
     actor, info = start_server_actor(config, ServerConfig(host="127.0.0.1", port=0,
-                                                          metrics_port=0, limits=LIMITS))
+                                                          metrics_port=0, http_port=0,
+                                                          limits=LIMITS))
     target = f"127.0.0.1:{info['grpc_port']}"
     yield target, info
     ray.get(actor.stop.remote())

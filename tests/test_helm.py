@@ -180,6 +180,7 @@ def test_head_runs_ray_and_the_server_with_grpc_probes(which, default_manifests,
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
     assert ports["grpc"] == 50051 and ports["metrics"] == 9400 and ports["gcs"] == 6379
+    assert ports["http"] == 8000
     mounts = {m["name"]: m["mountPath"] for m in head["volumeMounts"]}
     assert mounts["config"] == "/etc/shardserve" and mounts["dshm"] == "/dev/shm"
 
@@ -218,7 +219,8 @@ def test_workers_join_the_head_through_the_ray_service(default_manifests):
 
     grpc = _one(default_manifests, "Service", "shardserve")
     assert {p["name"]: p["port"] for p in grpc["spec"]["ports"]} == {"grpc": 50051,
-                                                                     "metrics": 9400}
+                                                                     "metrics": 9400,
+                                                                     "http": 8000}
 
 
 def test_ray_pods_share_an_auth_token(default_manifests):
@@ -247,7 +249,7 @@ def test_default_values_serve_smollm2_on_cpu(default_manifests, tmp_path):
     engine, server = _load_rendered_config(default_manifests, tmp_path)
     assert engine.model == "smollm2"
     assert engine.num_shards == 1
-    assert server.port == 50051 and server.metrics_port == 9400
+    assert server.port == 50051 and server.metrics_port == 9400 and server.http_port == 8000
     for component in ("head", "worker"):
         (container,) = _pod(default_manifests, component)["containers"]
         assert "nvidia.com/gpu" not in container["resources"].get("limits", {})

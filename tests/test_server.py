@@ -25,7 +25,7 @@ def start(model_dir, **options):
     config = EngineConfig().with_overrides(model=str(model_dir), dtype="float32", num_threads=1,
                                            **options)
     actor, info = start_server_actor(config, ServerConfig(host="127.0.0.1", port=0,
-                                                          metrics_port=0))
+                                                          metrics_port=0, http_port=0))
     client = Client(f"127.0.0.1:{info['grpc_port']}")
 
     def stop():

@@ -147,3 +147,11 @@ kernels) goes to a writable per-pod volume whatever the image's home directory. 
 - name: SHARDSERVE_CACHE
   value: /cache
 {{- end }}
+
+{{/*
+The head's OpenAI-compatible HTTP port: config.server.http_port, else the loader's default.
+Helm drops a key set to null when it merges values, so the chart always serves the API.
+*/}}
+{{- define "shardserve.httpPort" -}}
+{{- int ((.Values.config.server | default dict).http_port | default 8000) }}
+{{- end }}
