@@ -221,13 +221,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     grace = server_config.drain_grace_s
     print(f"draining: no new requests; those in flight get {grace:g} s to finish "
           "(server.drain_grace_s)", flush=True)
-    aborted = ray.get(actor.drain.remote(grace), timeout=grace + 60)
+    code = 0
+    try:
+        aborted = ray.get(actor.drain.remote(grace), timeout=grace + 60)
+    except Exception as e:  # noqa: BLE001 - stop the server anyway, and say the drain failed
+        print(f"error: the drain failed ({e}); stopping now", file=sys.stderr)
+        aborted, code = 0, 1
     print("shutting down" + (f" ({aborted} request(s) aborted after the grace period)"
                              if aborted else ""), flush=True)
     ray.get(actor.stop.remote(), timeout=60)
     ray.kill(actor)
     ray.shutdown()
-    return 0
+    return code
 
 
 def _client(args: argparse.Namespace, timeout: float | None):
