@@ -230,11 +230,14 @@ class EngineLoop:
 
     def _admit(self, command: _Add) -> None:
         ticket = command.ticket
-        aborted = RequestOutput(
-            request_id=ticket.request_id, prompt_token_ids=command.prompt_token_ids,
-            delta_token_ids=[], delta_text="", finished=True, finish_reason="abort",
-            arrival_time=command.arrival_time, token_ids=[], text="")
-        if self._passed_on(ticket, lambda peer: peer.submit(command), lambda: aborted):
+
+        def aborted() -> RequestOutput:
+            return RequestOutput(
+                request_id=ticket.request_id, prompt_token_ids=command.prompt_token_ids,
+                delta_token_ids=[], delta_text="", finished=True, finish_reason="abort",
+                arrival_time=command.arrival_time, token_ids=[], text="")
+
+        if self._passed_on(ticket, lambda peer: peer.submit(command), aborted):
             return
         try:
             self.engine.add_request(ticket.request_id, command.prompt_token_ids, command.params,
@@ -465,8 +468,9 @@ class Router:
         if left:
             log.warning("drain: %d request(s) still running after %.1f s were aborted",
                         len(left), grace_s)
-        # Aborts reach the engines before their next step; a reader gone mid-write could
-        # keep its ticket, so this wait is bounded too.
+        # Aborts reach the engines before their next step, but a reader blocked writing to a
+        # client that does not read keeps its ticket until the write goes, so this wait is
+        # bounded too.
         deadline = time.monotonic() + ABORT_WAIT_S
         while self._in_flight and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
