@@ -22,10 +22,11 @@ def tls_server(ray_cluster, tiny_model, self_signed_cert):
     cert, key = self_signed_cert
     config = EngineConfig().with_overrides(model=str(tiny_model("llama-gqa")),
                                            dtype="float32", num_threads=1)
+    # /metrics on another loopback address than gRPC (server.metrics_host)
     actor, info = start_server_actor(config, ServerConfig(
-        host="127.0.0.1", port=0, metrics_port=None, tls_cert_file=str(cert),
-        tls_key_file=str(key)), KEYS)
-    yield f"127.0.0.1:{info['grpc_port']}", str(cert)
+        host="127.0.0.1", port=0, metrics_port=0, metrics_host="127.0.0.2",
+        tls_cert_file=str(cert), tls_key_file=str(key)), KEYS)
+    yield f"127.0.0.1:{info['grpc_port']}", str(cert), info
     ray.get(actor.stop.remote())
     ray.kill(actor)
 
@@ -37,7 +38,7 @@ def refused(call) -> grpc.RpcError:
 
 
 def test_the_right_key_over_tls_is_served(tls_server):
-    target, ca = tls_server
+    target, ca, _ = tls_server
     for key in sorted(KEYS):
         with Client(target, timeout=60, api_key=key, tls_ca_file=ca) as client:
             response = client.generate([5, 6, 7], max_tokens=3, temperature=0)
@@ -49,7 +50,7 @@ def test_the_right_key_over_tls_is_served(tls_server):
 
 
 def test_no_key_or_a_wrong_key_is_unauthenticated(tls_server):
-    target, ca = tls_server
+    target, ca, _ = tls_server
     with Client(target, timeout=30, tls=True, tls_ca_file=ca) as anonymous:
         for call in (lambda: anonymous.generate([5], max_tokens=2),
                      lambda: list(anonymous.generate_stream([5], max_tokens=2)),
@@ -68,7 +69,7 @@ def test_no_key_or_a_wrong_key_is_unauthenticated(tls_server):
 def test_health_and_reflection_need_no_key(tls_server):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    target, ca = tls_server
+    target, ca, _ = tls_server
     with Client(target, timeout=30, tls_ca_file=ca) as client:
         assert client.health() == "SERVING"
         assert client.health("liveness") == "SERVING"
@@ -80,7 +81,7 @@ def test_health_and_reflection_need_no_key(tls_server):
 
 
 def test_a_plaintext_client_cannot_talk_to_a_tls_server(tls_server):
-    target, _ = tls_server
+    target, _, _ = tls_server
     with Client(target, timeout=5, api_key="first-key") as plaintext:
         assert refused(plaintext.health).code() == grpc.StatusCode.UNAVAILABLE
         assert refused(lambda: plaintext.generate([5], max_tokens=2)).code() == \
@@ -88,9 +89,22 @@ def test_a_plaintext_client_cannot_talk_to_a_tls_server(tls_server):
 
 
 def test_a_client_that_does_not_trust_the_certificate_is_refused(tls_server):
-    target, _ = tls_server
+    target, _, _ = tls_server
     with Client(target, timeout=5, tls=True) as untrusting:  # the system's roots only
         assert refused(untrusting.health).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_metrics_listen_on_their_own_address(tls_server):
+    import urllib.error
+    import urllib.request
+
+    _, _, info = tls_server
+    assert info["metrics_host"] == "127.0.0.2"
+    port = info["metrics_port"]
+    text = urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=10).read()
+    assert b"shardserve_requests_total" in text
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
 
 
 # --- keys and settings on their own ------------------------------------------------------------
