@@ -2,6 +2,8 @@
 
     shardserve serve [--config deploy/cpu-single-node.yaml] [--address auto|HOST:PORT]
     shardserve generate "prompt" [--chat] [--stream] [--max-tokens N] [--target HOST:PORT]
+                        [--tls [--tls-ca-file CA.pem]]   (API key: env SHARDSERVE_API_KEY)
+    shardserve health [--target HOST:PORT] [--service liveness] [--tls ...]   (for probes)
     shardserve plan --model DIR [--dtype float16] [--memory 16GiB] [--seq-len 4096]
     shardserve quality [--model M] [--quantization int8-weight,llm-int8] [--sparsity none,2:4]
                        [--text FILE]
@@ -153,6 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from .auth import load_api_keys, server_credentials
     from .config import load_config
 
     engine_config, server_config = load_config(args.config)
@@ -168,6 +171,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.sparsity:
         engine_config = engine_config.with_overrides(sparsity=args.sparsity)
 
+    # Read here, where SHARDSERVE_API_KEY is set; a bad key or TLS file fails before Ray starts.
+    api_keys = load_api_keys(server_config)
+    server_credentials(server_config)
+
     import ray
 
     from .launch import ensure_ray
@@ -179,13 +186,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{engine_config.parallel.pipeline_parallel_size} x "
           f"{engine_config.parallel.replicas} replica(s) on {where}", flush=True)
     ensure_ray(server_config.address)
-    actor, info = start_server_actor(engine_config, server_config)
-    host = info["node_ip"] if info["host"] in ("0.0.0.0", "::", "") else info["host"]
-    print(f"shardserve is serving {engine_config.model} on {host}:{info['grpc_port']} (gRPC)"
-          + (f", metrics on http://{host}:{info['metrics_port']}/metrics"
-             if info["metrics_port"] else ""), flush=True)
+    actor, info = start_server_actor(engine_config, server_config, api_keys)
+
+    def reachable(bound: str) -> str:
+        return info["node_ip"] if bound in ("0.0.0.0", "::", "") else bound
+
+    host, tls = reachable(info["host"]), server_config.tls_cert_file is not None
+    print(f"shardserve is serving {engine_config.model} on {host}:{info['grpc_port']} (gRPC, "
+          f"{'TLS' if tls else 'plaintext'}, API keys "
+          f"{f'on ({len(api_keys)})' if api_keys else 'off'})"
+          + (f", metrics on http://{reachable(info['metrics_host'])}:{info['metrics_port']}"
+             "/metrics" if info["metrics_port"] else ""), flush=True)
     if info["http_port"]:
-        print(f"OpenAI-compatible HTTP on http://{host}:{info['http_port']}/v1", flush=True)
+        print(f"OpenAI-compatible HTTP on {'https' if tls else 'http'}://{host}:"
+              f"{info['http_port']}/v1", flush=True)
     kv_reason = ("auto: the model's dtype, token-exact" if engine_config.kv_cache_dtype == "auto"
                  else "as configured")
     weights = (f"weights {info['weight_bytes'] / 2 ** 20:.0f} MiB"
@@ -196,8 +210,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{info['threads']} CPU threads per shard", flush=True)
     if info["cpu_gemm"]:
         print(f"CPU GEMM: {info['cpu_gemm']} ({info['cpu_gemm_reason']})", flush=True)
-    print(f"try: shardserve generate --target {host}:{info['grpc_port']} \"Hello\"",
-          flush=True)
+    print(f"try: {'SHARDSERVE_API_KEY=... ' if api_keys else ''}shardserve generate --target "
+          f"{host}:{info['grpc_port']}{' --tls' if tls else ''} \"Hello\"", flush=True)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -208,17 +222,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - the server is gone: say so and exit
             print(f"error: the server actor stopped: {e}", file=sys.stderr)
             return 1
-    print("shutting down", flush=True)
+    grace = server_config.drain_grace_s
+    print(f"draining: no new requests; those in flight get {grace:g} s to finish "
+          "(server.drain_grace_s)", flush=True)
+    code = 0
+    try:
+        aborted = ray.get(actor.drain.remote(grace), timeout=grace + 60)
+    except Exception as e:  # noqa: BLE001 - stop the server anyway, and say the drain failed
+        print(f"error: the drain failed ({e}); stopping now", file=sys.stderr)
+        aborted, code = 0, 1
+    print("shutting down" + (f" ({aborted} request(s) aborted after the grace period)"
+                             if aborted else ""), flush=True)
     ray.get(actor.stop.remote(), timeout=60)
     ray.kill(actor)
     ray.shutdown()
-    return 0
+    return code
+
+
+def _client(args: argparse.Namespace, timeout: float | None):
+    from .auth import client_api_key
+    from .client import Client
+
+    return Client(args.target, timeout=timeout, api_key=client_api_key(), tls=args.tls,
+                  tls_ca_file=args.tls_ca_file, tls_server_name=args.tls_server_name)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
-
-    from .client import Client
 
     prompt = args.prompt
     if args.chat or args.system:
@@ -227,7 +257,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = {"max_tokens": args.max_tokens, "temperature": args.temperature,
                "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
                "stop": args.stop or None}
-    with Client(args.target, timeout=args.timeout) as client:
+    with _client(args, args.timeout) as client:
         try:
             if args.stream:
                 final = None
@@ -250,6 +280,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"{usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens]",
           file=sys.stderr)
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the service is SERVING: an exec probe for a server with TLS, where
+    kubelet's own gRPC probe cannot go (it speaks plaintext only)."""
+    import grpc
+
+    with _client(args, args.timeout) as client:
+        try:
+            status = client.health(args.service)
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    parser.add_argument("--tls", action="store_true",
+                        help="connect with TLS (the system's roots verify the server)")
+    parser.add_argument("--tls-ca-file",
+                        help="PEM CA (or the self-signed certificate) to verify the server "
+                             "with; implies --tls")
+    parser.add_argument("--tls-server-name",
+                        help="the name the server's certificate must hold, when not the "
+                             "target's host")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,9 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--seed", type=int, default=0)
     distill.set_defaults(func=cmd_distill)
 
-    gen = sub.add_parser("generate", help="send a prompt to a running server")
+    gen = sub.add_parser("generate", help="send a prompt to a running server (API key, "
+                                          "if it needs one: env SHARDSERVE_API_KEY)")
     gen.add_argument("prompt")
-    gen.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    _add_connection_options(gen)
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     gen.add_argument("--chat", action="store_true",
                      help="send the prompt as a user message through the model's chat template")
@@ -349,6 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     gen.set_defaults(func=cmd_generate)
+
+    health = sub.add_parser("health", help="exit 0 when a running server's health service "
+                                           "says SERVING (a probe that speaks TLS)")
+    _add_connection_options(health)
+    health.add_argument("--service", default="",
+                        help='"" (serving requests), liveness, or shardserve.v1.Generation')
+    health.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    health.set_defaults(func=cmd_health)
 
     plan = sub.add_parser("plan", help="weights, KV bytes per token and what fits in memory")
     plan.add_argument("--model", default="smollm2",

@@ -5,7 +5,7 @@
     parallel: {tensor_parallel_size: 1, pipeline_parallel_size: 1}
     kv_cache: {block_size: 16, kv_cache_memory: 2GiB}
     scheduler: {scheduling_policy: continuous, max_num_seqs: 64}
-    server: {port: 50051, metrics_port: 9400, http_port: 8000}
+    server: {port: 50051, metrics_port: 9400, http_port: 8000, drain_grace_s: 30.0}
 """
 
 from __future__ import annotations
@@ -246,13 +246,31 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int | None = 9400  # None disables the Prometheus endpoint
     http_port: int | None = 8000  # the OpenAI-compatible HTTP API; None disables it
+    # Where the Prometheus endpoint listens; None: the same address as gRPC (host).
+    metrics_host: str | None = None
     # Ray cluster to join: None starts a local one; "auto" joins the one on this node.
     address: str | None = None
+    # On SIGTERM/SIGINT: requests in flight get this long to finish (new ones are refused
+    # with UNAVAILABLE, health says NOT_SERVING); those still running then are aborted.
+    drain_grace_s: float = 30.0
+    # gRPC over TLS: a PEM certificate (chain) and its private key, both or neither. The
+    # HTTP front end reads the same two keys.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # API keys, one per line; with any key (here or in the SHARDSERVE_API_KEY environment
+    # variable, comma-separated) the Generation service needs `authorization: Bearer <key>`.
+    api_key_file: str | None = None
     # What one request may ask for; past a limit it gets INVALID_ARGUMENT naming it.
     limits: RequestLimits = field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
         self.limits.validate()
+        if self.drain_grace_s < 0:
+            raise ValueError(f"server.drain_grace_s must be >= 0 (seconds), got "
+                             f"{self.drain_grace_s}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("server.tls_cert_file and server.tls_key_file go together: set "
+                             "both (TLS) or neither (plaintext)")
 
 
 def _from_dict(cls, data, where: str):

@@ -544,6 +544,13 @@ def output_of(seq: Sequence, delta_ids: list[int], delta_logprobs: list[TokenLog
     return out
 
 
+def abort_sequence(seq: Sequence) -> RequestOutput:
+    """End a request that no engine holds (cancelled on its way between replicas)."""
+    seq.status = SequenceStatus.FINISHED
+    seq.finish_reason = "abort"
+    return output_of(seq, [], [], "")
+
+
 def fail_sequence(seq: Sequence, message: str, code: str) -> RequestOutput:
     """End a request that no engine holds (it was on its way between replicas)."""
     seq.status = SequenceStatus.FINISHED

@@ -45,7 +45,7 @@ from .admission import Admission
 from .engine import EngineUnavailableError
 from .limits import RequestLimits
 from .outputs import RequestOutput, TokenLogprob
-from .router import OverloadedError, Router
+from .router import DRAINING_MESSAGE, OverloadedError, Router
 
 log = logging.getLogger(__name__)
 
@@ -437,6 +437,8 @@ class OpenAIServer:
                 "owned_by": "shardserve", "max_model_len": self.router.engine.max_model_len}
 
     async def health(self) -> Response:
+        if self.router.draining:
+            return APIError(503, DRAINING_MESSAGE, code="service_unavailable").response()
         if self.router.healthy:
             return Response(status_code=200)
         return APIError(503, "no replica is serving: the model shards are down",

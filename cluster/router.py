@@ -3,8 +3,12 @@
 Requests arrive from the gRPC servicer on the asyncio event loop and go to the serving
 replica with the least outstanding work; each engine loop thread admits them between steps,
 runs steps while there is work, and hands every step's outputs back to the waiting
-coroutines. Cancelling a request (client gone, deadline passed) reaches the engine before its
-next step, so its KV blocks are free within one step.
+coroutines. Cancelling a request (client gone, deadline passed, or Abort by its request id
+from any connection) reaches the engine before its next step, so its KV blocks are free within
+one step, and its reader gets a last output with finish reason "abort".
+
+Draining (shutdown): new requests are refused, those in flight run to their end for a grace
+period, and whatever is left then is aborted.
 
 Replicas keep the server available: when one replica's shards fail, its unfinished requests
 move to a serving replica (they are recomputed there from their tokens, as after a
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from shardserve.workers.step import SamplingParams
 
 from .config import EngineConfig
-from .engine import DOWN, Engine, EngineUnavailableError, fail_sequence
+from .engine import DOWN, Engine, EngineUnavailableError, abort_sequence, fail_sequence
 from .metrics import Metrics
 from .outputs import RequestOutput
 from .sequence import Sequence
@@ -38,11 +42,24 @@ log = logging.getLogger(__name__)
 # While a replica's shards are down, how often its loop tries to bring them back.
 RESTART_RETRY_S = 5.0
 
+# Draining: how often to look whether the requests in flight have ended, and how long aborted
+# ones may take to deliver their last output.
+DRAIN_POLL_S = 0.05
+ABORT_WAIT_S = 10.0
+
 OUTCOMES = {"stop": "completed", "length": "completed", "abort": "cancelled", "error": "failed"}
 
 
 class OverloadedError(RuntimeError):
     """The waiting queue is full."""
+
+
+class DrainingError(EngineUnavailableError):
+    """The server is shutting down: it finishes the requests it has and takes no new ones."""
+
+
+DRAINING_MESSAGE = ("the server is draining (shutting down): it finishes the requests in "
+                    "flight and accepts no new ones; retry on another server")
 
 
 class OutputStream:
@@ -214,7 +231,14 @@ class EngineLoop:
 
     def _admit(self, command: _Add) -> None:
         ticket = command.ticket
-        if self._passed_on(ticket, lambda peer: peer.submit(command)):
+
+        def aborted() -> RequestOutput:
+            return RequestOutput(
+                request_id=ticket.request_id, prompt_token_ids=command.prompt_token_ids,
+                delta_token_ids=[], delta_text="", finished=True, finish_reason="abort",
+                arrival_time=command.arrival_time, token_ids=[], text="")
+
+        if self._passed_on(ticket, lambda peer: peer.submit(command), aborted):
             return
         try:
             self.engine.add_request(ticket.request_id, command.prompt_token_ids, command.params,
@@ -228,7 +252,8 @@ class EngineLoop:
                 text="")])
 
     def _admit_moved(self, seq: Sequence, ticket: Ticket) -> None:
-        if self._passed_on(ticket, lambda peer: peer.adopt([(seq, ticket)])):
+        if self._passed_on(ticket, lambda peer: peer.adopt([(seq, ticket)]),
+                           lambda: abort_sequence(seq)):
             return
         try:
             self.engine.adopt(seq)
@@ -236,12 +261,15 @@ class EngineLoop:
             self._publish([fail_sequence(seq, f"its replica failed and this one cannot take it: "
                                               f"{e}", "unavailable")])
 
-    def _passed_on(self, ticket: Ticket, hand_to: Callable[["EngineLoop"], None]) -> bool:
-        """True when this replica does not admit the request: its caller is gone, or this
-        replica is not serving and another is (the request goes there). Otherwise the ticket
-        is this replica's from now on."""
+    def _passed_on(self, ticket: Ticket, hand_to: Callable[["EngineLoop"], None],
+                   aborted: Callable[[], RequestOutput]) -> bool:
+        """True when this replica does not admit the request: it was cancelled on its way
+        (its reader, if still there, gets the `aborted` output: an Abort from another
+        connection leaves one waiting), or this replica is not serving and another is (the
+        request goes there). Otherwise the ticket is this replica's from now on."""
         if ticket.cancelled:
-            self._count(-1)
+            self._tickets[ticket.request_id] = ticket
+            self._publish([aborted()])  # counts it as finished, and cancelled
             return True
         peer = None if self.engine.healthy else self._serving_peer()
         if peer is not None:
@@ -321,6 +349,9 @@ class ReplicaStatus:
     running: int
     waiting: int
     finished: int  # requests it ended (completed, cancelled or failed)
+    kv_blocks_total: int
+    kv_blocks_free: int  # cached prefixes included: they are given up on demand
+    kv_blocks_cached: int
 
 
 class Router:
@@ -334,7 +365,11 @@ class Router:
         self.loops = [EngineLoop(engine, i, self.metrics, lambda: self.loops)
                       for i, engine in enumerate(self.engines)]
         self._ids = itertools.count()
-        self._active: set[str] = set()  # client-chosen request ids in flight, every replica
+        # Requests in flight on every replica; those with a request id also by it, for Abort.
+        # Only the event loop's thread touches these.
+        self._in_flight: set[Ticket] = set()
+        self._by_request_id: dict[str, Ticket] = {}
+        self.draining = False
 
     @property
     def engine(self) -> Engine:
@@ -347,9 +382,14 @@ class Router:
         return any(loop.serving for loop in self.loops)
 
     def replicas(self) -> list[ReplicaStatus]:
+        # Read from the event loop while the engine threads change them: each is one int (or
+        # len()) read under the GIL, so it is a value it had during the last step, never torn;
+        # a snapshot a step old is what a load report can promise anyway.
         return [ReplicaStatus(loop.replica, loop.engine.state, loop.engine.num_restarts,
                               loop.engine.num_running, loop.num_waiting,
-                              loop.engine.num_finished) for loop in self.loops]
+                              loop.engine.num_finished, loop.engine.kv.num_blocks,
+                              loop.engine.kv.num_free_blocks, loop.engine.kv.num_cached_blocks)
+                for loop in self.loops]
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         return self.engine.tokenize(prompt)
@@ -365,12 +405,15 @@ class Router:
             raise
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       client_request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them, ending with a finished one.
-        Closing the iterator early (the caller was cancelled) aborts the request.
+        Closing the iterator early (the caller was cancelled) aborts the request, and so does
+        `abort(request_id)`.
 
-        The engines know the request by an id the router makes; the client's own id only has
-        to be unique among the client ids in flight."""
+        The engines know the request by an id the router makes; `request_id` (the client's,
+        or the one the front end made for it) only has to be unique among those in flight."""
+        if self.draining:
+            raise DrainingError(DRAINING_MESSAGE)
         self.validate(prompt_token_ids, params)
         serving = [lp for lp in self.loops if lp.serving]
         if not serving:
@@ -381,15 +424,16 @@ class Router:
             self.metrics.requests.labels("rejected_overloaded").inc()
             raise OverloadedError(f"the server has {limit} requests waiting per replica, its "
                                   "limit (scheduler.max_waiting_requests); retry later")
-        if client_request_id is not None and client_request_id in self._active:
+        if request_id is not None and request_id in self._by_request_id:
             self.metrics.requests.labels("rejected_invalid").inc()
-            raise ValueError(f"request_id {client_request_id!r} is already in use by a request "
+            raise ValueError(f"request_id {request_id!r} is already in use by a request "
                              "in flight; choose a unique id")
         loop = self._choose_replica(serving, prompt_token_ids)
         stream = OutputStream()
         ticket = Ticket(str(next(self._ids)), stream.push, loop)
-        if client_request_id is not None:
-            self._active.add(client_request_id)
+        self._in_flight.add(ticket)
+        if request_id is not None:
+            self._by_request_id[request_id] = ticket
         loop.submit(_Add(ticket, prompt_token_ids, params, time.time()))
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
         finished = False
@@ -399,7 +443,9 @@ class Router:
                 finished = out.finished
                 yield out
         finally:
-            self._active.discard(client_request_id)
+            self._in_flight.discard(ticket)
+            if request_id is not None:
+                self._by_request_id.pop(request_id, None)
             if not finished:
                 ticket.cancel()
 
@@ -418,6 +464,41 @@ class Router:
         best = max(near, key=lambda lp: (lp.engine.kv.cached_prefix_len(prompt_token_ids),
                                          -lp.outstanding))
         return best if best.engine.kv.cached_prefix_len(prompt_token_ids) else least
+    def abort(self, request_id: str) -> bool:
+        """Abort the request in flight with this id; its reader gets a last output with
+        finish reason "abort". False when no such request is in flight (or it is already
+        being aborted)."""
+        ticket = self._by_request_id.get(request_id)
+        if ticket is None or ticket.cancelled:
+            return False
+        ticket.cancel()
+        return True
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def drain(self, grace_s: float) -> int:
+        """Refuse new requests; wait up to grace_s for those in flight to end, then abort
+        the rest and wait for their readers to get their abort outputs. Returns how many
+        were aborted."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        left = [t for t in self._in_flight if not t.cancelled]
+        for ticket in left:
+            ticket.cancel()
+        if left:
+            log.warning("drain: %d request(s) still running after %.1f s were aborted",
+                        len(left), grace_s)
+        # Aborts reach the engines before their next step, but a reader blocked writing to a
+        # client that does not read keeps its ticket until the write goes, so this wait is
+        # bounded too.
+        deadline = time.monotonic() + ABORT_WAIT_S
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        return len(left)
 
     def stop(self) -> None:
         for loop in self.loops:

@@ -3,9 +3,12 @@
 Every request is checked before it is queued: its bytes must parse, its fields must be within
 the server's limits (`server.limits`) and valid for the model. Bad input gets
 INVALID_ARGUMENT with a message that names the field or the limit, a full queue
-RESOURCE_EXHAUSTED, no serving replica UNAVAILABLE. A client that cancels or disconnects, or
-whose deadline passes, has its request aborted. Anything unexpected while handling a request
-ends that request alone with INTERNAL (and frees its blocks); the server goes on.
+RESOURCE_EXHAUSTED, no serving replica (or a server that is draining) UNAVAILABLE. A client
+that cancels or disconnects, or whose deadline passes, has its request aborted; so has one
+named in an Abort call from any connection (its call ends with finish reason ABORT). Anything
+unexpected while handling a request ends that request alone with INTERNAL (and frees its
+blocks); the server goes on. With API keys (cluster/auth.py) the Generation service refuses
+calls without one UNAUTHENTICATED; health and reflection stay open.
 
 The Generation methods take raw bytes and parse them here, so that a message that does not
 parse is the client's error (INVALID_ARGUMENT), not the UNKNOWN grpc would answer.
@@ -28,10 +31,11 @@ from shardserve.proto import shardserve_pb2 as pb
 from shardserve.workers.step import SamplingParams
 
 from .admission import Admission
+from .auth import ApiKeyInterceptor
 from .engine import EngineUnavailableError
 from .limits import RequestLimits, check_request
 from .outputs import RequestOutput, TokenLogprob
-from .router import OverloadedError, Router
+from .router import DRAINING_MESSAGE, OverloadedError, Router
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +73,11 @@ class GenerationServicer:
         self.limits = limits
         self.admission = Admission(router, limits)
 
-    async def _start(self, request: pb.GenerateRequest, context) -> AsyncIterator[RequestOutput]:
+    async def _start(self, request: pb.GenerateRequest, label: str,
+                     context) -> AsyncIterator[RequestOutput]:
         """Check and submit; aborts the RPC with the right status on bad input."""
+        if self.router.draining:  # before any work is done for it
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
         try:
             kind = request.WhichOneof("prompt")
             params = sampling_params(request)
@@ -86,10 +93,10 @@ class GenerationServicer:
         if not self.router.healthy:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "no replica is serving: the model shards are down; retry later")
-        return self.router.generate(token_ids, params, request.request_id or None)
+        return self.router.generate(token_ids, params, label)
 
-    async def _outputs(self, request, context) -> AsyncIterator[RequestOutput]:
-        stream = await self._start(request, context)
+    async def _outputs(self, request, label: str, context) -> AsyncIterator[RequestOutput]:
+        stream = await self._start(request, label, context)
         try:
             async for out in stream:
                 if out.error:
@@ -110,7 +117,7 @@ class GenerationServicer:
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         label = request.request_id or _server_request_id()
         text, token_ids, logprobs, final = [], [], [], None
-        async for out in self._outputs(request, context):
+        async for out in self._outputs(request, label, context):
             text.append(out.delta_text)
             token_ids += out.delta_token_ids
             logprobs += out.logprobs or []
@@ -130,7 +137,7 @@ class GenerationServicer:
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
         label = request.request_id or _server_request_id()
         generated = 0
-        async for out in self._outputs(request, context):
+        async for out in self._outputs(request, label, context):
             generated += len(out.delta_token_ids)
             message = pb.GenerateStreamResponse(
                 request_id=label, text=out.delta_text, token_ids=out.delta_token_ids,
@@ -192,6 +199,28 @@ class GenerationServicer:
 
         return await self.admission.off_loop(tokenize)
 
+    async def Load(self, request: pb.LoadRequest, context) -> pb.LoadResponse:
+        replicas = [pb.ReplicaLoad(replica=r.replica, state=r.state,
+                                   kv_blocks_total=r.kv_blocks_total,
+                                   kv_blocks_free=r.kv_blocks_free,
+                                   kv_blocks_cached=r.kv_blocks_cached, running=r.running,
+                                   waiting=r.waiting)
+                    for r in self.router.replicas()]
+        return pb.LoadResponse(
+            replicas=replicas, waiting=sum(r.waiting for r in replicas),
+            running=sum(r.running for r in replicas),
+            kv_blocks_total=sum(r.kv_blocks_total for r in replicas),
+            kv_blocks_free=sum(r.kv_blocks_free for r in replicas),
+            kv_blocks_cached=sum(r.kv_blocks_cached for r in replicas),
+            draining=self.router.draining)
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        try:
+            check_request(self.limits, request_id=request.request_id)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.AbortResponse(aborted=self.router.abort(request.request_id))
+
 
 def _server_request_id() -> str:
     return f"srv-{uuid.uuid4().hex}"
@@ -252,7 +281,9 @@ def generation_handler(servicer: GenerationServicer) -> grpc.GenericRpcHandler:
             "Generate": (pb.GenerateRequest, pb.GenerateResponse),
             "GenerateStream": (pb.GenerateRequest, pb.GenerateStreamResponse),
             "ModelInfo": (pb.ModelInfoRequest, pb.ModelInfoResponse),
-            "Tokenize": (pb.TokenizeRequest, pb.TokenizeResponse)}.items():
+            "Tokenize": (pb.TokenizeRequest, pb.TokenizeResponse),
+            "Load": (pb.LoadRequest, pb.LoadResponse),
+            "Abort": (pb.AbortRequest, pb.AbortResponse)}.items():
         method = getattr(servicer, name)
         if name == "GenerateStream":
             methods[name] = grpc.unary_stream_rpc_method_handler(
@@ -273,7 +304,7 @@ LIVENESS_SERVICE = "liveness"
 
 class HealthReporter:
     """grpc.health.v1: "" and the Generation service are SERVING while at least one replica
-    serves; "liveness" always is."""
+    serves and the server is not draining; "liveness" always is."""
 
     def __init__(self, servicer: health.aio.HealthServicer):
         self.servicer = servicer
@@ -286,21 +317,28 @@ class HealthReporter:
 
 
 async def start_grpc_server(router: Router, model_name: str, host: str, port: int,
-                            limits: RequestLimits | None = None
+                            limits: RequestLimits | None = None,
+                            credentials: grpc.ServerCredentials | None = None,
+                            api_keys: frozenset[str] = frozenset()
                             ) -> tuple[grpc.aio.Server, int, HealthReporter]:
+    """credentials: TLS (cluster/auth.py server_credentials), None for plaintext.
+    api_keys: with any, the Generation service needs one of them."""
     limits = limits or RequestLimits()
     # gRPC itself refuses messages past twice our limit (RESOURCE_EXHAUSTED) before reading
     # them; between the two, ours answers INVALID_ARGUMENT naming the limit.
-    server = grpc.aio.server(options=[
-        ("grpc.so_reuseport", 0),
-        ("grpc.max_receive_message_length", 2 * limits.max_message_bytes)])
+    server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(api_keys, SERVICE_NAME)] if api_keys else None,
+        options=[("grpc.so_reuseport", 0),
+                 ("grpc.max_receive_message_length", 2 * limits.max_message_bytes)])
     server.add_generic_rpc_handlers((generation_handler(
         GenerationServicer(router, model_name, limits)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, credentials) if credentials is not None
+             else server.add_insecure_port(address))
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port} (in use?); set server.port")
     await server.start()

@@ -54,6 +54,16 @@ class GenerationStub:
                 request_serializer=shardserve__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=shardserve__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Load = channel.unary_unary(
+                '/shardserve.v1.Generation/Load',
+                request_serializer=shardserve__pb2.LoadRequest.SerializeToString,
+                response_deserializer=shardserve__pb2.LoadResponse.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/shardserve.v1.Generation/Abort',
+                request_serializer=shardserve__pb2.AbortRequest.SerializeToString,
+                response_deserializer=shardserve__pb2.AbortResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -83,6 +93,18 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Load(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +127,16 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=shardserve__pb2.TokenizeRequest.FromString,
                     response_serializer=shardserve__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Load': grpc.unary_unary_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=shardserve__pb2.LoadRequest.FromString,
+                    response_serializer=shardserve__pb2.LoadResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=shardserve__pb2.AbortRequest.FromString,
+                    response_serializer=shardserve__pb2.AbortResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +247,60 @@ class Generation:
             '/shardserve.v1.Generation/Tokenize',
             shardserve__pb2.TokenizeRequest.SerializeToString,
             shardserve__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Load(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardserve.v1.Generation/Load',
+            shardserve__pb2.LoadRequest.SerializeToString,
+            shardserve__pb2.LoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardserve.v1.Generation/Abort',
+            shardserve__pb2.AbortRequest.SerializeToString,
+            shardserve__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -283,6 +283,73 @@ def test_gpu_values_request_gpus_and_land_on_gpu_nodes(gpu_manifests, tmp_path):
         assert any(m["mountPath"] == "/models" for m in container["volumeMounts"])
 
 
+@pytest.mark.parametrize("sets, grace", [
+    ((), 60),  # drain_grace_s 30 + 30
+    (("config.server.drain_grace_s=100",), 130),
+    (("head.terminationGracePeriodSeconds=45",), 45),
+])
+def test_the_head_gets_time_to_drain(helm, sets, grace):
+    """SIGTERM drains the server for config.server.drain_grace_s: the pod must not be killed
+    before, and readiness (health "") turns NOT_SERVING while liveness stays SERVING."""
+    manifests = _render(helm, sets=sets)
+    pod = _pod(manifests, "head")
+    assert pod["terminationGracePeriodSeconds"] == grace
+    (head,) = pod["containers"]
+    assert head["readinessProbe"]["grpc"] == {"port": 50051}
+    assert head["livenessProbe"]["grpc"]["service"] == "liveness"
+
+
+@pytest.fixture(scope="session")
+def secured_manifests(helm):
+    return _render(helm, sets=("tls.secretName=llm-tls", "tls.caKey=tls.crt",
+                               "apiKey.secretName=llm-api-key", "apiKey.key=token"))
+
+
+@pytest.mark.parametrize("k8s", _k8s_versions())
+def test_tls_and_api_key_manifests_validate_strict(k8s, secured_manifests):
+    import kubernetes_validate
+
+    for manifest in secured_manifests:
+        try:
+            kubernetes_validate.validate(manifest, k8s, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{manifest['kind']}/{manifest['metadata']['name']} is invalid for "
+                        f"Kubernetes {k8s} at {'.'.join(str(p) for p in e.path)}: {e.message}")
+
+
+def test_tls_and_api_key_come_from_secrets(secured_manifests, tmp_path):
+    from shardserve.cluster.cli import build_parser
+
+    pod = _pod(secured_manifests, "head")
+    (head,) = pod["containers"]
+    (tls_volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert tls_volume["secret"]["secretName"] == "llm-tls"
+    (mount,) = [m for m in head["volumeMounts"] if m["name"] == "tls"]
+    assert mount["readOnly"] is True
+    _, server = _load_rendered_config(secured_manifests, tmp_path)
+    assert server.tls_cert_file == f"{mount['mountPath']}/tls.crt"
+    assert server.tls_key_file == f"{mount['mountPath']}/tls.key"
+    assert server.api_key_file is None
+    env = {e["name"]: e for e in head["env"]}
+    assert env["SHARDSERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "llm-api-key",
+                                                                      "key": "token"}
+    (worker,) = _pod(secured_manifests, "worker")["containers"]
+    assert "SHARDSERVE_API_KEY" not in {e["name"] for e in worker["env"]}
+    # kubelet's gRPC probes cannot speak TLS: the probes run `shardserve health` instead,
+    # with options the CLI accepts, trusting the mounted CA for the service's DNS name.
+    services = {}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "grpc" not in head[probe], probe
+        command = head[probe]["exec"]["command"]
+        assert command[:2] == ["shardserve", "health"]
+        args = build_parser().parse_args(command[1:])
+        assert args.target == "127.0.0.1:50051"
+        assert args.tls_ca_file == f"{mount['mountPath']}/tls.crt"
+        assert args.tls_server_name == "llm-shardserve.inference.svc"
+        services[probe] = args.service
+    assert services == {"startupProbe": "", "readinessProbe": "", "livenessProbe": "liveness"}
+
+
 def test_no_ray_stop_in_rendered_manifests(default_manifests, gpu_manifests):
     text = yaml.safe_dump_all(default_manifests + gpu_manifests)
     assert "ray stop" not in text and "ray down" not in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -259,6 +260,124 @@ def test_duplicate_request_id_in_flight_is_rejected(server):
     stream.cancel()
 
 
+def test_abort_from_another_connection_ends_the_stream(server):
+    """Abort by request id from a second channel: the stream on the first ends with ABORT
+    and what it generated so far, its blocks are freed, and the id is no longer abortable."""
+    client, info = server
+    stream = client.generate_stream([5, 6, 7], max_tokens=240, temperature=0, ignore_eos=True,
+                                    request_id="to-abort")
+    first = next(stream)
+    with Client(f"127.0.0.1:{info['grpc_port']}") as other:
+        assert other.abort("to-abort") is True
+        chunks = [first, *stream]
+        assert chunks[-1].finish_reason == pb.FINISH_REASON_ABORT
+        generated = sum(len(c.token_ids) for c in chunks)
+        assert 0 < generated < 240 and chunks[-1].usage.completion_tokens == generated
+        wait_for(lambda: blocks_in_use(info) == 0)
+        assert other.abort("to-abort") is False  # ended: nothing in flight by that id
+        assert other.abort("no-such-request") is False
+
+        # Without a client id, the server-made one in every message can be aborted too.
+        unnamed = client.generate_stream([5, 6], max_tokens=240, ignore_eos=True)
+        label = next(unnamed).request_id
+        assert label.startswith("srv-") and other.abort(label) is True
+        assert list(unnamed)[-1].finish_reason == pb.FINISH_REASON_ABORT
+
+        # A unary Generate ends the same way, with the text so far.
+        result = {}
+        call = threading.Thread(target=lambda: result.update(response=client.generate(
+            [5, 6], max_tokens=240, ignore_eos=True, request_id="unary")))
+        call.start()
+        wait_for(lambda: other.load().running == 1)
+        assert other.abort("unary") is True
+        call.join(timeout=30)
+        assert result["response"].finish_reason == pb.FINISH_REASON_ABORT
+        assert result["response"].request_id == "unary"
+        assert len(result["response"].token_ids) < 240
+
+
+def test_a_request_aborted_before_its_replica_admits_it_still_ends(tiny_model):
+    """An Abort can cancel a ticket while it is still queued for its engine loop: the loop
+    never admits it, yet its reader (still waiting, unlike a cancelled caller) must get the
+    last output, or it would wait forever. A real engine (in this process) behind the loop."""
+    from shardserve.cluster.engine import Engine
+    from shardserve.cluster.metrics import Metrics
+    from shardserve.cluster.router import EngineLoop, OutputStream, Ticket, _Add
+    from shardserve.workers.step import SamplingParams as Params
+
+    engine = Engine(EngineConfig().with_overrides(model=str(tiny_model("llama-gqa")),
+                                                  dtype="float32", num_kv_blocks=16))
+    metrics_ = Metrics()
+    loop = EngineLoop(engine, 0, metrics_, lambda: [loop])
+
+    async def abort_on_the_way():
+        stream = OutputStream()
+        ticket = Ticket("0", stream.push, loop)
+        ticket.cancelled = True  # as Ticket.cancel does before its _Abort reaches the loop
+        loop.submit(_Add(ticket, [5, 6], Params(max_tokens=4), time.time()))
+        loop.abort(ticket)
+        return await asyncio.wait_for(stream.get(), timeout=10)
+
+    try:
+        out = asyncio.run(abort_on_the_way())
+    finally:
+        loop.stop()
+        engine.shutdown()
+    assert out.finished and out.finish_reason == "abort" and out.token_ids == []
+    assert loop.outstanding == 0
+    assert engine.num_finished == 0, "the cancelled request reached the engine"
+    assert metrics_.requests.labels("cancelled")._value.get() == 1
+
+
+def test_load_adds_up_and_is_all_free_when_idle(server):
+    client, info = server
+    wait_for(lambda: blocks_in_use(info) == 0)
+    idle = client.load()
+    (replica,) = idle.replicas
+    assert (replica.replica, replica.state) == (0, "serving")
+    assert replica.kv_blocks_total == replica.kv_blocks_free == 128
+    assert idle.kv_blocks_total == idle.kv_blocks_free == 128
+    assert idle.running == idle.waiting == 0 and not idle.draining
+
+    stream = client.generate_stream([5, 6, 7], max_tokens=240, ignore_eos=True)
+    next(stream)
+    busy = client.load()
+    assert busy.running == sum(r.running for r in busy.replicas) == 1
+    assert busy.waiting == sum(r.waiting for r in busy.replicas) == 0
+    assert busy.kv_blocks_free == sum(r.kv_blocks_free for r in busy.replicas) < 128
+    assert busy.kv_blocks_total == 128
+    stream.cancel()
+    wait_for(lambda: client.load().kv_blocks_free == 128)
+    # what the stream computed stays cached (free for the taking) until the pool needs it
+    after = client.load()
+    assert after.kv_blocks_cached == after.replicas[0].kv_blocks_cached > 0
+
+
+def test_drain_aborts_what_outlives_the_grace_period(ray_cluster, tiny_model):
+    """A stream still running when the grace period ends is aborted: it ends with ABORT and
+    the tokens it had, not with a broken connection. (Health and refusals while draining:
+    tests/test_cli.py, through SIGTERM.)"""
+    import ray
+
+    config = EngineConfig().with_overrides(model=str(tiny_model("llama-gqa")),
+                                           dtype="float32", num_threads=1)
+    actor, info = start_server_actor(config, ServerConfig(host="127.0.0.1", port=0,
+                                                          metrics_port=None))
+    client = Client(f"127.0.0.1:{info['grpc_port']}")
+    try:
+        stream = client.generate_stream([5, 6, 7], max_tokens=240, ignore_eos=True)
+        first = next(stream)
+        drained = actor.drain.remote(0.0)
+        chunks = [first, *stream]
+        assert chunks[-1].finish_reason == pb.FINISH_REASON_ABORT
+        assert chunks[-1].usage.completion_tokens == sum(len(c.token_ids) for c in chunks)
+        assert ray.get(drained, timeout=60) == 1
+    finally:
+        client.close()
+        ray.get(actor.stop.remote())
+        ray.kill(actor)
+
+
 def test_model_info_tokenize_and_reflection(server):
     client, info = server
     model = client.model_info()
@@ -335,5 +454,9 @@ def test_replicas_share_the_load_and_agree(ray_cluster, tiny_model):
         served = {r.replica: r.finished for r in client.model_info().replica_states}
         assert served[0] > 0 and served[1] > 0 and sum(served.values()) == 6, served
         assert 'shardserve_kv_blocks_total{replica="1"}' in metrics(info)
+        load = client.load()
+        assert [r.replica for r in load.replicas] == [0, 1]
+        assert load.kv_blocks_total == sum(r.kv_blocks_total for r in load.replicas) > 0
+        assert load.kv_blocks_free == load.kv_blocks_total  # idle again
     finally:
         stop()

@@ -155,3 +155,63 @@ Helm drops a key set to null when it merges values, so the chart always serves t
 {{- define "shardserve.httpPort" -}}
 {{- int ((.Values.config.server | default dict).http_port | default 8000) }}
 {{- end }}
+
+{{/* Where the TLS Secret is mounted on the head. */}}
+{{- define "shardserve.tlsDir" -}}
+/etc/shardserve-tls
+{{- end }}
+
+{{/* The serving config as mounted: .Values.config, with the TLS Secret's files when set. */}}
+{{- define "shardserve.config" -}}
+{{- $config := deepCopy .Values.config }}
+{{- if .Values.tls.secretName }}
+{{- $server := $config.server | default dict }}
+{{- $_ := set $server "tls_cert_file" (printf "%s/tls.crt" (include "shardserve.tlsDir" .)) }}
+{{- $_ := set $server "tls_key_file" (printf "%s/tls.key" (include "shardserve.tlsDir" .)) }}
+{{- $_ := set $config "server" $server }}
+{{- end }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* The head's grace period: head.terminationGracePeriodSeconds, or the drain's plus 30 s. */}}
+{{- define "shardserve.terminationGracePeriod" -}}
+{{- if kindIs "invalid" .Values.head.terminationGracePeriodSeconds }}
+{{- $drain := (.Values.config.server | default dict).drain_grace_s }}
+{{- if kindIs "invalid" $drain }}{{ $drain = 30 }}{{ end }}
+{{- add (int (ceil $drain)) 30 }}
+{{- else }}
+{{- int .Values.head.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/*
+A probe of the gRPC health service (dict "root" . "port" P "service" S "settings" probes.X):
+kubelet's own gRPC probe, or with TLS (which kubelet's cannot speak) `shardserve health` run
+in the container against 127.0.0.1.
+*/}}
+{{- define "shardserve.healthProbe" -}}
+{{- $root := .root }}
+{{- if $root.Values.tls.secretName -}}
+exec:
+  command:
+    - shardserve
+    - health
+    - --target
+    - 127.0.0.1:{{ .port }}
+    - --tls-ca-file
+    - {{ include "shardserve.tlsDir" $root }}/{{ $root.Values.tls.caKey }}
+    - --tls-server-name
+    - {{ $root.Values.tls.serverName | default (printf "%s.%s.svc" (include "shardserve.fullname" $root) $root.Release.Namespace) }}
+    {{- if .service }}
+    - --service
+    - {{ .service }}
+    {{- end }}
+{{- else -}}
+grpc:
+  port: {{ .port }}
+  {{- if .service }}
+  service: {{ .service }}
+  {{- end }}
+{{- end }}
+{{ toYaml .settings }}
+{{- end }}
