@@ -264,6 +264,7 @@ class _Answer:
         self.include_usage = include_usage
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -271,10 +272,13 @@ class _Answer:
     def _count(self, out: RequestOutput) -> None:
         self.prompt_tokens = len(out.prompt_token_ids)
         self.completion_tokens += len(out.delta_token_ids)
+        self.cached_tokens = out.num_cached_tokens
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                # prompt tokens served from the prefix cache, where OpenAI reports them
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

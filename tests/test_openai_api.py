@@ -269,3 +269,13 @@ def test_disconnect_while_waiting_for_a_whole_answer_aborts_it(served):
     wait_for(lambda: metrics(info).get(cancelled, 0) == before + 1, timeout=30)
     wait_for(lambda: blocks_in_use(info) == 0)
     assert time.time() - start < 30
+
+
+def test_usage_says_how_much_of_the_prompt_came_from_the_prefix_cache(served):
+    api, grpc_client, _, _, model = served
+    prompt = list(range(100, 141))  # 41 tokens: five full blocks of 8 can be reused
+    first = api.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+    again = api.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 40
+    assert again.choices[0].text == first.choices[0].text
