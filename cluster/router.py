@@ -461,9 +461,10 @@ class Router:
         near = [lp for lp in serving if lp.outstanding <= least.outstanding + slack]
         # Read from this thread while the engine threads change their caches: a lookup sees
         # a name or not, and a stale answer only costs a recomputed block.
-        best = max(near, key=lambda lp: (lp.engine.kv.cached_prefix_len(prompt_token_ids),
-                                         -lp.outstanding))
-        return best if best.engine.kv.cached_prefix_len(prompt_token_ids) else least
+        cached = {lp.replica: lp.engine.kv.cached_prefix_len(prompt_token_ids) for lp in near}
+        best = max(near, key=lambda lp: (cached[lp.replica], -lp.outstanding))
+        return best if cached[best.replica] else least
+
     def abort(self, request_id: str) -> bool:
         """Abort the request in flight with this id; its reader gets a last output with
         finish reason "abort". False when no such request is in flight (or it is already
