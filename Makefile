@@ -38,7 +38,7 @@ serve: setup
 # Root is needed for `unshare -n`: a Ray head probes cloud metadata addresses when it starts,
 # and in a loopback-only namespace those probes fail at once instead of leaving the machine.
 test: test-tools
-	unshare -n sh -c 'ip link set lo up && SHARDSERVE_TEST_NETNS=1 exec $(PY) -m pytest -q $(PYTEST_ARGS)'
+	unshare -n sh -c 'ip link set lo up && SHARDSERVE_TEST_NETNS=1 exec $(PY) -m pytest -q --durations=30 $(PYTEST_ARGS)'
 
 bench: setup
 	$(PY) bench/throughput.py

@@ -57,6 +57,32 @@ def smollm2_dir() -> Path:
     return resolve_model("smollm2")
 
 
+WORKER_NODES = ("node_a", "node_b")
+
+
+def add_worker_node(cluster, name: str):
+    return cluster.add_node(num_cpus=2, resources={name: 1}, object_store_memory=150 * 1024 ** 2)
+
+
+def restore_worker_nodes(cluster) -> None:
+    """Gives the session cluster back its two live worker nodes after a test that removed one,
+    so a failure there cannot starve every later test of CPUs."""
+    import ray
+
+    alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    for name in WORKER_NODES:
+        if not any(name in resources for resources in alive):
+            for node in [n for n in cluster.worker_nodes if not cluster_node_alive(n)]:
+                cluster.remove_node(node, allow_graceful=False)
+            add_worker_node(cluster, name)
+
+
+def cluster_node_alive(node) -> bool:
+    import ray
+
+    return any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes())
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster of a head with no CPUs and two worker nodes that hold two shards
@@ -64,10 +90,14 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    # Two cores run every node and test here: a raylet busy behind model loading can miss
+    # Ray's default 5 health checks (~15 s) and be marked dead. Tests that remove a node do it
+    # gracefully, so a more patient detector costs them nothing.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 150 * 1024 ** 2, "include_dashboard": False})
-    for name in ("node_a", "node_b"):
-        cluster.add_node(num_cpus=2, resources={name: 1}, object_store_memory=150 * 1024 ** 2)
+        "num_cpus": 0, "object_store_memory": 150 * 1024 ** 2, "include_dashboard": False,
+        "_system_config": {"health_check_failure_threshold": 20}})
+    for name in WORKER_NODES:
+        add_worker_node(cluster, name)
     ray.init(address=cluster.address)
     yield cluster
     ray.shutdown()

@@ -7,6 +7,7 @@ import time
 
 import ray
 
+from conftest import WORKER_NODES, add_worker_node, restore_worker_nodes
 from test_server import metrics, start, wait_for
 from tiny import mixed_prompts
 
@@ -76,9 +77,7 @@ def test_a_dead_replica_is_skipped_its_requests_move_and_it_comes_back(ray_clust
         assert set(health) == {"SERVING"}
 
         # The node comes back: the replica restarts in the background and serves again.
-        ray_cluster.add_node(num_cpus=2, resources={k: v for k, v in victim_resources.items()
-                                                    if k in ("node_a", "node_b")},
-                             object_store_memory=150 * 1024 ** 2)
+        add_worker_node(ray_cluster, next(k for k in victim_resources if k in WORKER_NODES))
         wait_for(lambda: client.model_info().replica_states[1].state == "serving", timeout=90)
         assert client.model_info().replica_states[1].restarts == 1
         wait_for(lambda: metrics(info)['shardserve_replica_serving{replica="1"}'] == 1)
@@ -86,6 +85,7 @@ def test_a_dead_replica_is_skipped_its_requests_move_and_it_comes_back(ray_clust
     finally:
         watching.set()
         stop()
+        restore_worker_nodes(ray_cluster)
 
 
 def test_requests_sharing_a_prefix_go_to_the_replica_that_has_it_cached(ray_cluster,
