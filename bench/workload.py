@@ -35,15 +35,19 @@ BATCH1_PROMPT_TOKENS, BATCH1_DECODE_TOKENS = 256, 128
 
 def batch1_latency(generate) -> tuple[float, float]:
     """(ms to prefill the prompt, ms per decoded token), best of three, for
-    `generate(prompt_token_ids, max_tokens)` that runs one request to completion."""
-    prompt = make_workload(1, (BATCH1_PROMPT_TOKENS,) * 2, (1, 1), seed=1)[0].prompt_token_ids
+    `generate(prompt_token_ids, max_tokens)` that runs one request to completion. Every call
+    gets a prompt of its own (same length, other tokens), so no engine answers from a prefix
+    cache what it is meant to compute."""
+    def prompt(seed: int) -> list[int]:
+        return make_workload(1, (BATCH1_PROMPT_TOKENS,) * 2, (1, 1), seed=seed)[0].prompt_token_ids
+
     prefill, decode = float("inf"), float("inf")
-    for _ in range(3):
+    for trial in range(3):
         start = time.perf_counter()
-        generate(prompt, 1)
+        generate(prompt(2 * trial + 1), 1)
         first = time.perf_counter() - start
         start = time.perf_counter()
-        generate(prompt, 1 + BATCH1_DECODE_TOKENS)
+        generate(prompt(2 * trial + 2), 1 + BATCH1_DECODE_TOKENS)
         whole = time.perf_counter() - start
         prefill = min(prefill, first)
         decode = min(decode, (whole - first) / BATCH1_DECODE_TOKENS)
