@@ -69,18 +69,12 @@ def restore_worker_nodes(cluster) -> None:
     so a failure there cannot starve every later test of CPUs."""
     import ray
 
-    alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    alive = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    for node in [n for n in cluster.worker_nodes if n.node_id not in alive]:
+        cluster.remove_node(node, allow_graceful=False)
     for name in WORKER_NODES:
-        if not any(name in resources for resources in alive):
-            for node in [n for n in cluster.worker_nodes if not cluster_node_alive(n)]:
-                cluster.remove_node(node, allow_graceful=False)
+        if not any(name in resources for resources in alive.values()):
             add_worker_node(cluster, name)
-
-
-def cluster_node_alive(node) -> bool:
-    import ray
-
-    return any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes())
 
 
 @pytest.fixture(scope="session")

@@ -186,6 +186,24 @@ def test_w8a8_kernel_sums_exactly_in_int32(m, n, k):
     assert ((y.double() - exact).abs() <= bound).all()
 
 
+def test_w8a8_kernel_a_row_with_nan_or_inf_spoils_only_itself():
+    """A numerically bad token (NaN, inf) in a batch: the other rows' outputs are unchanged."""
+    from shardserve.workers.kernels import gemm_int8_library
+    from shardserve.workers.layers.cpu_gemm import linear_w8a8, pack_w8a8
+
+    lib = gemm_int8_library()
+    torch.manual_seed(5)
+    x, w = torch.randn(9, 70), torch.randn(40, 70)
+    q, ws = int8_per_row(w)
+    packed, colsum = pack_w8a8(q, lib.gemm_int8_panel_width()), q.sum(1, dtype=torch.int32)
+    clean = linear_w8a8(x, packed, colsum, ws, 40, None)
+    bad = x.clone()
+    bad[2, 3], bad[6, :] = float("nan"), float("inf")
+    y = linear_w8a8(bad, packed, colsum, ws, 40, None)
+    good = [r for r in range(9) if r not in (2, 6)]
+    assert torch.equal(y[good], clean[good])
+
+
 def w8a8_patch(model):
     """transformers' linear layers (all but the LM head) computing W8A8 as the engine does:
     int8 weights per output row, each token's input quantized per row, float32 sums."""

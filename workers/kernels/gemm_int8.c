@@ -59,7 +59,9 @@ static void quantize_rows(const float *x, int64_t m, int64_t ldx, int64_t k,
         for (int64_t i = 0; i < k; i++) {
             /* x / scale rounded half to even: what torch.round(x / scale) gives, bit for bit */
             float q = nearbyintf(row[i] / scale);
-            q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
+            /* clamped with fmaxf first, so a NaN becomes -127: a defined value in every
+             * build (the cast of a NaN is not), and only this row's outputs are wrong */
+            q = fminf(fmaxf(q, -127.f), 127.f);
             xq[r * kp + i] = (xq_t)((int)q + 128);
         }
         for (int64_t i = k; i < kp; i++) xq[r * kp + i] = 128;
