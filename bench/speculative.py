@@ -13,7 +13,7 @@ Batch 1 runs the requests one at a time and reports ms per generated token; batc
 at once and reports generated tokens/s. Each row also gives the acceptance rate, the mean
 accepted length (tokens per verifying step) and whether every output equals the output
 without speculation. Speculation switches itself off above speculative.disable_above_batch
-decoding sequences (8 by default), so batch 16 shows what that switch costs.
+running or waiting sequences (8 by default), so batch 16 shows what that switch costs.
 """
 
 from __future__ import annotations
@@ -79,6 +79,10 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--draft", help="a draft model directory (shardserve distill)")
     parser.add_argument("--num-tokens", type=int, default=4)
+    parser.add_argument("--draft-min-probability", type=float, default=None,
+                        help="speculative.draft_min_probability (default: the server's)")
+    parser.add_argument("--draft-quantization", default=None,
+                        help="speculative.draft_quantization (default: the server's)")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--batch1-requests", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -91,6 +95,9 @@ def main() -> None:
     if args.draft:
         methods["draft"] = {"method": "draft", "draft_model": args.draft,
                             "num_tokens": args.num_tokens}
+        for key in ("draft_min_probability", "draft_quantization"):
+            if getattr(args, key) is not None:
+                methods["draft"][key] = getattr(args, key)
     llms = {name: LLM("smollm2", dtype="float32", kv_cache_memory="2GiB",
                       **({"speculative": sp} if sp else {}))
             for name, sp in methods.items()}
@@ -106,6 +113,8 @@ def main() -> None:
                 proposed = stats.proposed_tokens - before["proposed_tokens"]
                 accepted = stats.accepted_tokens - before["accepted_tokens"]
                 verified = stats.verified - before["verified"]
+                propose_s = stats.propose_seconds - before["propose_seconds"]
+                verify_s = stats.verify_seconds - before["verify_seconds"]
                 generated = sum(len(t) for t in tokens)
                 if reference is None:
                     reference = (seconds, tokens)
@@ -116,11 +125,13 @@ def main() -> None:
                     "speedup": reference[0] / seconds,
                     "acceptance_rate": accepted / proposed if proposed else None,
                     "mean_accepted_length": (accepted + verified) / verified if verified else None,
+                    "propose_seconds": propose_s, "verify_seconds": verify_s,
                     "identical": sum(a == b for a, b in zip(tokens, reference[1])),
                     "requests": len(subset)})
                 r = rows[-1]
                 print(f"{load:6} batch {batch:2} {name:5}: {r['tokens_per_s']:6.1f} tok/s "
                       f"{r['speedup']:.2f}x, acceptance {r['acceptance_rate'] or 0:.2f}, "
+                      f"proposing {propose_s:.1f} s, verifying {verify_s:.1f} s of {seconds:.1f}, "
                       f"{r['identical']}/{len(subset)} identical", flush=True)
     for llm in llms.values():
         llm.shutdown()
@@ -134,7 +145,7 @@ def main() -> None:
               f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {acc} | {mal} | "
               f"{r['identical']}/{r['requests']} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
+    Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

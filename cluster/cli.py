@@ -142,7 +142,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                            ce_weight=args.ce_weight, seed=args.seed,
                            max_text_tokens=args.text_tokens)
     try:
-        report = run(args.teacher, args.layers, out, config, args.generations)
+        report = run(args.teacher, args.layers, out, config, args.generations,
+                     vocabulary=args.draft_vocab)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -376,18 +377,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the student's layers, taken evenly from the teacher's")
     distill.add_argument("--out", required=True, help="where the student (and its training "
                                                       "checkpoint, to resume from) goes")
-    distill.add_argument("--minutes", type=float, default=30, help="training time budget")
+    distill.add_argument("--minutes", type=float, default=20, help="training time budget "
+                         "(the teacher's answers come first: 8 min for SmolLM2's 384 here)")
     distill.add_argument("--steps", type=int, help="or a step budget, whichever ends first")
     distill.add_argument("--window", type=int, default=256, help="tokens per sequence")
-    distill.add_argument("--generations", type=int, default=256,
+    distill.add_argument("--generations", type=int, default=384,
                          help="teacher answers to chat requests to train on, beside the text")
-    distill.add_argument("--text-tokens", type=int, default=1_000_000,
+    distill.add_argument("--text-tokens", type=int, default=150_000,
                          help="at most this much of Debian's text to train on")
-    distill.add_argument("--learning-rate", type=float, default=2e-4)
+    distill.add_argument("--learning-rate", type=float, default=3e-4)
     distill.add_argument("--temperature", type=float, default=1.0,
                          help="softens both distributions in the KL term")
     distill.add_argument("--ce-weight", type=float, default=0.0,
                          help="weight of a cross-entropy term on the text")
+    distill.add_argument("--draft-vocab", type=int, default=8192,
+                         help="tokens the draft's LM head scores when it serves, the most "
+                              "frequent in the training text (0: the whole vocabulary)")
     distill.add_argument("--seed", type=int, default=0)
     distill.set_defaults(func=cmd_distill)
 

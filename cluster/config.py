@@ -93,9 +93,15 @@ class SpeculativeConfig:
     method: str = "none"  # none | ngram (prompt lookup) | draft (a small model)
     num_tokens: int = 3  # proposed per sequence per step (a request may ask for fewer)
     draft_model: str | None = None  # method draft: a model with the target's tokenizer
+    # The draft's weights: auto is int8-weight on CPU (half the bytes, and the draft's
+    # numbers cannot change an output), none on GPU; or none / int8-weight.
+    draft_quantization: str = "auto"
+    # A draft stops proposing for a sequence after a token it gives less than this
+    # probability (0: always num_tokens).
+    draft_min_probability: float = 0.0
     ngram_max: int = 4  # method ngram: longest and shortest suffix looked up
     ngram_min: int = 1
-    # Above this many decoding sequences in a step, nobody speculates that step: verifying
+    # Above this many running (or waiting) sequences, nobody speculates that step: verifying
     # k+1 tokens per sequence then costs more compute than the saved steps give back
     # (bench/README.md); 0 never switches off.
     disable_above_batch: int = 8
@@ -205,6 +211,11 @@ class EngineConfig:
             (1 <= sp.ngram_min <= sp.ngram_max,
              "speculative.ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max"),
             (sp.disable_above_batch >= 0, "speculative.disable_above_batch must be >= 0"),
+            (sp.draft_quantization in ("auto", "none", "int8-weight"),
+             "speculative.draft_quantization must be auto, none or int8-weight, got "
+             f"{sp.draft_quantization!r}"),
+            (0.0 <= sp.draft_min_probability < 1.0,
+             "speculative.draft_min_probability must be in [0, 1)"),
             (self.sparsity == "none" or self.quantization in ("none", "int8-weight"),
              f"sparsity 2:4 composes with quantization none or int8-weight, not "
              f"{self.quantization} (its int8 x int8 kernel is dense)"),

@@ -10,6 +10,12 @@ teacher's own greedy continuations of chat requests made from those texts, which
 draft is asked to predict when it serves, with the KL loss to the teacher's
 temperature-softened distribution (plus optional cross-entropy).
 
+Beside it goes draft_vocab.json: the `vocabulary` most frequent tokens of that training text
+(the tokenizer's special tokens always among them). Served as a draft, the student's LM head
+scores only those (cluster/speculative.py): a small model's head is most of its cost (SmolLM2's
+49152 x 576 is 28M of a 4-layer student's 42M parameters), and a draft only ever needs to guess
+the tokens the target is likely to pick; a rarer one is simply not proposed.
+
 The result is a Hugging Face directory (transformers and shardserve load it); training
 checkpoints to DIR/checkpoint.pt and resumes from it. At the end it prints the student's size,
 its perplexity beside the teacher's on the held-out GPL-3, and its top-1 agreement with the
@@ -22,6 +28,8 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .speculative import DRAFT_VOCABULARY
 
 
 def student_layers(num_teacher_layers: int, k: int) -> list[int]:
@@ -64,7 +72,8 @@ def teacher_generations(teacher_dir: Path, tokenizer, windows: list[list[int]], 
             "Continue this text:")
     prompts = []
     for i, index in enumerate(picks):
-        piece = tokenizer.decode(windows[index][:48], skip_special_tokens=True)
+        # pieces of several lengths, as requests come (the answer gets the rest of the window)
+        piece = tokenizer.decode(windows[index][:rng.randint(32, 96)], skip_special_tokens=True)
         text = f"{asks[i % len(asks)]}\n\n{piece}"
         if tokenizer.chat_template:
             chat = tokenizer.apply_chat_template([{"role": "user", "content": text}],
@@ -83,6 +92,25 @@ def teacher_generations(teacher_dir: Path, tokenizer, windows: list[list[int]], 
     return [p + r.token_ids for p, r in zip(prompts, results)]
 
 
+def frequent_tokens(windows: list[list[int]], count: int, always: list[int],
+                    vocab_size: int) -> list[int]:
+    """The `count` most frequent token ids in the windows, plus `always`, in id order."""
+    import numpy as np
+
+    counts = np.bincount(np.concatenate([np.asarray(w) for w in windows]),
+                         minlength=vocab_size)[:vocab_size]
+    counts[[t for t in always if 0 <= t < vocab_size]] = counts.max() + 1
+    return sorted(np.argsort(-counts, kind="stable")[:count].tolist())
+
+
+def coverage(token_ids: list[int], windows: list[list[int]]) -> float:
+    """The share of the windows' tokens that are among token_ids."""
+    import numpy as np
+
+    tokens = np.concatenate([np.asarray(w) for w in windows])
+    return float(np.isin(tokens, token_ids).mean()) if len(tokens) else 0.0
+
+
 @dataclass
 class StudentReport:
     layers: list[int]
@@ -91,6 +119,8 @@ class StudentReport:
     teacher_perplexity: float
     student_perplexity: float
     top1_agreement: float  # the share of held-out positions where both predict the same token
+    vocabulary: int  # tokens in the draft's head (draft_vocab.json), 0: all of them
+    vocabulary_coverage: float  # the share of the held-out text's tokens among them
     steps: int
     tokens: int
     seconds: float
@@ -110,8 +140,8 @@ def top1_agreement(teacher, student, windows: list[list[int]]) -> float:
     return same / max(total, 1)
 
 
-def run(teacher: str, k: int, out: Path, config, generations: int = 256,
-        progress: bool = True) -> StudentReport:
+def run(teacher: str, k: int, out: Path, config, generations: int = 384,
+        progress: bool = True, vocabulary: int = 8192) -> StudentReport:
     """config: a DistillConfig (budget, learning rate, temperature, ...)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -140,14 +170,21 @@ def run(teacher: str, k: int, out: Path, config, generations: int = 256,
                   f"{time.perf_counter() - start:.0f} s", flush=True)
     if generated_path.exists():
         windows = windows + json.loads(generated_path.read_text())
+    vocab_size = teacher_model.config.vocab_size
+    head_ids = (frequent_tokens(windows, vocabulary, tokenizer.all_special_ids, vocab_size)
+                if 0 < vocabulary < vocab_size else [])
     report = distill(teacher_model, student, windows, config,
                      trainable=lambda name: name.startswith("model.layers."),
-                     progress=progress, texts=texts, checkpoint=out / "checkpoint.pt")
+                     progress=progress, texts=texts, checkpoint=out / "checkpoint.pt",
+                     head_token_ids=head_ids or None)
     copy_side_files(teacher_dir, out)
+    if head_ids:
+        (out / DRAFT_VOCABULARY).write_text(json.dumps({"token_ids": head_ids}))
     student.config.shardserve_distilled = {
         "teacher": str(teacher_dir), "teacher_layers": layers, "steps": report.steps,
         "tokens": report.tokens, "seconds": round(report.seconds, 1),
-        "first_loss": round(report.first_loss, 4), "last_loss": round(report.last_loss, 4), "temperature": config.temperature,
+        "first_loss": round(report.first_loss, 4), "last_loss": round(report.last_loss, 4),
+        "temperature": config.temperature,
         "ce_weight": config.ce_weight, "seed": config.seed}
     student.save_pretrained(out)
 
@@ -160,8 +197,9 @@ def run(teacher: str, k: int, out: Path, config, generations: int = 256,
     params = sum(p.numel() for p in student.parameters())
     size = sum((out / f).stat().st_size for f in ("model.safetensors",) if (out / f).exists())
     return StudentReport(layers, params, size, ppl_teacher, ppl_student,
-                         top1_agreement(teacher_model, student, held_out[:16]), report.steps,
-                         report.tokens, report.seconds)
+                         top1_agreement(teacher_model, student, held_out[:16]),
+                         len(head_ids), coverage(head_ids, held_out) if head_ids else 1.0,
+                         report.steps, report.tokens, report.seconds)
 
 
 def describe(r: StudentReport, out: Path) -> str:
@@ -171,4 +209,7 @@ def describe(r: StudentReport, out: Path) -> str:
             f"held-out perplexity (Debian's GPL-3): teacher {r.teacher_perplexity:.3f}, "
             f"student {r.student_perplexity:.3f}; top-1 agreement with the teacher "
             f"{r.top1_agreement:.3f}\n"
+            + (f"draft head: the {r.vocabulary} most frequent tokens ({DRAFT_VOCABULARY}), "
+               f"{100 * r.vocabulary_coverage:.1f}% of the held-out text's tokens\n"
+               if r.vocabulary else "") +
             f"serve it as a draft: speculative: {{method: draft, draft_model: {out}}}")

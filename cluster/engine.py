@@ -28,7 +28,7 @@ from .kv_manager import KVCacheManager
 from .outputs import RequestOutput, TokenLogprob
 from .scheduler import ScheduledSequence, Scheduler
 from .sequence import Sequence, SequenceStatus, next_seq_id
-from .speculative import DraftModel, SpeculationStats, ngram_proposal
+from .speculative import DraftModel, SpeculationStats, draft_vocabulary, ngram_proposal
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +109,22 @@ class Engine:
         return LocalExecutor(ShardSpec.from_config(self.config))
 
     def _draft_model(self, num_blocks: int, block_size: int) -> DraftModel:
-        from shardserve.workers.shard import ShardSpec
+        from shardserve.workers.loader import resolve_model
+        from shardserve.workers.shard import ShardSpec, resolve_device
 
-        c = self.config
-        spec = ShardSpec(model=c.speculative.draft_model, dtype=c.dtype,
+        c, sp = self.config, self.config.speculative
+        quantization = sp.draft_quantization
+        if quantization == "auto":  # int8 weights stream half the bytes of 16-bit on a CPU
+            quantization = "int8-weight" if resolve_device(c.device).type == "cpu" else "none"
+        head = draft_vocabulary(resolve_model(sp.draft_model))
+        spec = ShardSpec(model=sp.draft_model, dtype=c.dtype, quantization=quantization,
                          kv_cache_dtype=c.kv_cache_dtype, device=c.device, cpu_gemm=c.cpu_gemm,
-                         num_threads=c.num_threads, seed=c.seed)
-        draft = DraftModel(spec, num_blocks, block_size, self.shape.vocab_size)
-        log.info("speculative decoding with the draft model %s, %d tokens per step",
-                 c.speculative.draft_model, c.speculative.num_tokens)
+                         num_threads=c.num_threads, seed=c.seed, head_token_ids=head)
+        draft = DraftModel(spec, num_blocks, block_size, self.shape.vocab_size,
+                           sp.draft_min_probability)
+        log.info("speculative decoding with the draft model %s (%s weights, a head of %s "
+                 "tokens), up to %d tokens per step", sp.draft_model, quantization,
+                 len(head) if head else "all", sp.num_tokens)
         return draft
 
     def _eos_token_ids(self) -> set[int]:
@@ -283,9 +290,9 @@ class Engine:
                 continue
             self._propose(scheduled)
             plan = StepPlan(next(self._step_ids), [self._sequence_step(s) for s in scheduled])
+            sent = time.perf_counter()  # before submit: a local executor runs the step in it
             try:
-                self._in_flight[lane] = (self.executor.submit(plan), scheduled,
-                                         time.perf_counter())
+                self._in_flight[lane] = (self.executor.submit(plan), scheduled, sent)
             except ExecutorError as e:
                 return self._recover(str(e))
         if not self._in_flight:
@@ -297,7 +304,11 @@ class Engine:
             return self._recover(str(e))
         _, scheduled, sent = self._in_flight.pop(lane)
         if any(item.draft for item in scheduled):
-            self.speculation.verify_seconds += time.perf_counter() - sent
+            elapsed = time.perf_counter() - sent
+            self.speculation.verify_seconds += elapsed
+            for item in scheduled:
+                if item.draft:
+                    item.seq.verify_seconds += elapsed
         return self._apply(scheduled, result)
 
     # --- speculative decoding ---------------------------------------------------------------
@@ -311,7 +322,11 @@ class Engine:
         for seq in running:
             seq.lookahead = 0
         decoding = [s for s in running if s.num_uncomputed_tokens == 1]
-        if sp.disable_above_batch and len(decoding) > sp.disable_above_batch:
+        # Counting the sequences still prefilling or waiting too: they will decode soon, and
+        # a draft that started on the first few would pay for catching up on their prompts
+        # only to be switched off a step or two later.
+        if sp.disable_above_batch and \
+                len(running) + len(self.scheduler.waiting) > sp.disable_above_batch:
             self.speculation.disabled_steps += 1
             return
         for seq in decoding:
@@ -322,6 +337,12 @@ class Engine:
                     self.max_model_len - seq.num_tokens - 1)
             if self.draft is not None:
                 k = min(k, self.draft.max_context_len - seq.num_tokens)
+                # A sequence that decoded without speculation for longer than it has left
+                # (the tail of a large batch) would make the draft catch up on all of that
+                # for a few steps of use: it finishes without.
+                unseen = seq.num_tokens - max(seq.num_draft_computed, len(seq.prompt_token_ids))
+                if unseen > p.max_tokens - len(seq.output_token_ids):
+                    k = 0
             seq.lookahead = max(k, 0)
 
     def _propose(self, scheduled: list[ScheduledSequence]) -> None:
@@ -342,7 +363,10 @@ class Engine:
         for item, draft in zip(wanted, drafts):
             item.draft = draft
             item.num_tokens = item.seq.num_uncomputed_tokens + len(draft)
-        self.speculation.propose_seconds += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.speculation.propose_seconds += elapsed
+        for item in wanted:
+            item.seq.draft_seconds += elapsed
 
     def _apply(self, scheduled: list[ScheduledSequence], result) -> list[RequestOutput]:
         sampled: dict[int, list[SampledToken]] = {}
@@ -364,6 +388,7 @@ class Engine:
                 seq.num_draft_computed = min(seq.num_draft_computed, known + kept)
                 seq.num_draft_tokens += len(item.draft)
                 seq.num_accepted_tokens += kept
+                seq.num_verify_steps += 1
                 self.speculation.verified += 1
                 self.speculation.proposed_tokens += len(item.draft)
                 self.speculation.accepted_tokens += kept
@@ -537,6 +562,9 @@ def output_of(seq: Sequence, delta_ids: list[int], delta_logprobs: list[TokenLog
         num_cached_tokens=seq.num_cached_tokens,
         num_draft_tokens=seq.num_draft_tokens,
         num_accepted_tokens=seq.num_accepted_tokens,
+        num_verify_steps=seq.num_verify_steps,
+        draft_seconds=seq.draft_seconds,
+        verify_seconds=seq.verify_seconds,
     )
     if seq.is_finished:
         out.token_ids = list(seq.output_token_ids)

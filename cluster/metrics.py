@@ -58,8 +58,9 @@ class Metrics:
         self.speculative_verified = Counter("shardserve_speculative_verified",
                                             "Sequence-steps that verified drafts", registry=r)
         self.speculative_disabled = Counter("shardserve_speculative_disabled_steps",
-                                            "Steps without speculation because the batch "
-                                            "exceeded speculative.disable_above_batch",
+                                            "Steps without speculation because more "
+                                            "sequences ran or waited than "
+                                            "speculative.disable_above_batch",
                                             registry=r)
         self.speculative_seconds = Counter("shardserve_speculative_seconds",
                                            "Time proposing drafts (phase=draft) and in the "

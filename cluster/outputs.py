@@ -37,6 +37,10 @@ class RequestOutput:
     # speculative decoding so far: draft tokens proposed for this request, and kept
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_verify_steps: int = 0  # steps that verified its drafts: mean accepted length is
+    # (num_accepted_tokens + num_verify_steps) / num_verify_steps
+    draft_seconds: float = 0.0  # wall time of its draft rounds and verifying steps
+    verify_seconds: float = 0.0
     # Set when finished: every generated token, and the text (a stop string is cut off).
     token_ids: list[int] | None = None
     text: str | None = None
@@ -55,5 +59,7 @@ class RequestOutput:
             first_token_time=self.first_token_time or later.first_token_time,
             num_preemptions=later.num_preemptions,
             num_cached_tokens=later.num_cached_tokens, num_draft_tokens=later.num_draft_tokens,
-            num_accepted_tokens=later.num_accepted_tokens, token_ids=later.token_ids,
+            num_accepted_tokens=later.num_accepted_tokens,
+            num_verify_steps=later.num_verify_steps, draft_seconds=later.draft_seconds,
+            verify_seconds=later.verify_seconds, token_ids=later.token_ids,
             text=later.text)

@@ -54,6 +54,11 @@ class Sequence:
     num_draft_computed: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_verify_steps: int = 0  # steps that verified drafts of this request
+    # wall time of the draft rounds and of the verifying steps it took part in (shared with
+    # its batch mates: the latency speculation added, not a share of the compute)
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
 
     @property
     def num_tokens(self) -> int:

@@ -130,7 +130,10 @@ class GenerationServicer:
                            completion_tokens=len(token_ids),
                            draft_tokens=final.num_draft_tokens,
                            accepted_draft_tokens=final.num_accepted_tokens,
-                           cached_prompt_tokens=final.num_cached_tokens),
+                           cached_prompt_tokens=final.num_cached_tokens,
+                           speculative_steps=final.num_verify_steps,
+                           draft_seconds=final.draft_seconds,
+                           verify_seconds=final.verify_seconds),
             logprobs=_logprobs(logprobs), time_to_first_token_s=ttft)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context
@@ -149,6 +152,9 @@ class GenerationServicer:
                 message.usage.draft_tokens = out.num_draft_tokens
                 message.usage.accepted_draft_tokens = out.num_accepted_tokens
                 message.usage.cached_prompt_tokens = out.num_cached_tokens
+                message.usage.speculative_steps = out.num_verify_steps
+                message.usage.draft_seconds = out.draft_seconds
+                message.usage.verify_seconds = out.verify_seconds
             yield message
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:

@@ -7,7 +7,11 @@ which the target model then verifies in one step (workers/layers/verify.py).
 - `draft`: a small model with the target's tokenizer (e.g. one `shardserve distill` made)
   proposes its greedy continuation. It runs in the engine's process on one shard and keeps
   its own KV cache under the target's block tables: the engine's one allocation decision
-  covers it too (its pool has as many blocks, each smaller).
+  covers it too (its pool has as many blocks, each smaller). Three things keep it cheap,
+  none of which can change an output (verification decides): its LM head scores only the
+  vocabulary its directory lists in draft_vocab.json (distill writes the tokens that make up
+  nearly all of the teacher's text; a small model's head is most of its cost), its weights
+  may be int8, and it stops proposing for a sequence after a token it is unsure of.
 
 Proposals are deterministic (a point mass on each draft token), which verification's
 acceptance rule accounts for, so sampled outputs keep the target's distribution.
@@ -15,6 +19,7 @@ acceptance rule accounts for, so sampled outputs keep the target's distribution.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -25,6 +30,20 @@ from shardserve.workers.step import SamplingParams, SequenceStep, StepPlan
 from .sequence import Sequence
 
 _GREEDY = SamplingParams(max_tokens=1, temperature=0)
+_GREEDY_WITH_PROBABILITY = SamplingParams(max_tokens=1, temperature=0, logprobs=0)
+_DECODE_ROWS = 16  # longer catch-ups (a prompt) attend as a prefill
+DRAFT_VOCABULARY = "draft_vocab.json"  # {"token_ids": [...]} in a draft model's directory
+
+
+def draft_vocabulary(model_dir) -> tuple[int, ...] | None:
+    """The token ids a draft's head is restricted to, or None for its whole vocabulary."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / DRAFT_VOCABULARY
+    if not path.is_file():
+        return None
+    return tuple(int(t) for t in json.loads(path.read_text())["token_ids"])
 
 
 @dataclass
@@ -67,8 +86,12 @@ def ngram_proposal(tokens: list[int], k: int, ngram_max: int = 4,
 class DraftModel:
     """A draft model on one in-process shard, sharing the target's block tables."""
 
-    def __init__(self, spec, num_blocks: int, block_size: int, vocab_size: int):
+    def __init__(self, spec, num_blocks: int, block_size: int, vocab_size: int,
+                 min_probability: float = 0.0):
         from .executor import LocalExecutor
+
+        self.min_probability = min_probability
+        self.params = _GREEDY_WITH_PROBABILITY if min_probability > 0 else _GREEDY
 
         self.executor = LocalExecutor(spec)
         shape = self.executor.shard.shape
@@ -85,7 +108,9 @@ class DraftModel:
         """items: (sequence, k, its block table) for each sequence to draft for; returns up
         to k greedy tokens each. Each sequence's draft KV first catches up on the tokens it
         has not seen (its prompt, the tokens accepted since), then k - 1 more steps run one
-        token each."""
+        token each. A sequence stops after a token with probability under min_probability:
+        its verification costs little beside the step, the next proposal would cost a draft
+        step and likely be rejected."""
         start = time.perf_counter()
         drafts: list[list[int]] = [[] for _ in items]
         for round_ in range(max((k for _, k, _ in items), default=0)):
@@ -99,8 +124,10 @@ class DraftModel:
                 else:
                     begin = seq.num_tokens + round_ - 1
                     token_ids = [drafts[index][-1]]
-                steps.append(SequenceStep(seq.seq_id, token_ids, begin, table, True, _GREEDY,
-                                          0, 0))
+                # a catch-up of a few tokens after the cached context runs as decode rows
+                short = 0 < begin and len(token_ids) <= _DECODE_ROWS
+                steps.append(SequenceStep(seq.seq_id, token_ids, begin, table, True,
+                                          self.params, 0, 0, decode_rows=short))
                 owners.append(index)
             self._step_ids += 1
             result = self.executor.submit(StepPlan(self._step_ids, steps))
@@ -111,6 +138,8 @@ class DraftModel:
                     items[index] = (items[index][0], round_, items[index][2])
                     continue
                 drafts[index].append(token.token_id)
+                if token.logprob is not None and math.exp(token.logprob) < self.min_probability:
+                    items[index] = (items[index][0], round_ + 1, items[index][2])
         for (seq, _, _), draft in zip(items, drafts):
             # the draft's KV now holds the sequence and every draft but the last
             seq.num_draft_computed = seq.num_tokens + max(len(draft) - 1, 0)

@@ -167,3 +167,34 @@ def test_an_int8_cache_is_its_vectors_times_their_scales():
     torch_path = torch.full_like(q, float("nan"))
     A._decode_torch(q, torch_path, k_int8, v_int8, meta, heads, 0.125, None, k_scales, v_scales)
     torch.testing.assert_close(torch_path, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_a_verifying_run_attends_as_decode_rows_like_a_prefill_chunk(window):
+    """Speculative verification: a sequence's next token and its drafts attend as decode
+    rows (one per token, the context one longer each row), beside plain decodes; that is
+    the causal attention a prefill chunk of the same tokens computes."""
+    heads = A.HeadLayout.for_rank(9, 3, 1, 0)
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(4)
+    table = torch.randperm(12, generator=g).tolist()
+    start, n = 37, 5  # the run covers positions 37..41
+    verify = SequenceStep(0, [1] * n, start, table, True, SamplingParams(), 0, 0,
+                          num_draft=n - 1)
+    other = SequenceStep(1, [1], 50, table[::-1][:4], True, SamplingParams(), 0, 0)
+    k_cache = torch.randn(3, 12, 16, 64, generator=g)
+    v_cache = torch.randn(3, 12, 16, 64, generator=g)
+    cache = A.LayerKVCache(k_cache, v_cache)
+    q = torch.randn(n + 1, 9, 64, generator=g)
+    k = v = torch.empty(n + 1, 3, 64)  # already in the cache; unread by these paths
+    meta = A.build_metadata([verify, other], 16, window, A.Workspace(torch.float32, cpu), cpu)
+    assert meta.num_decode == n + 1 and not meta.prefills
+    got = A.paged_attention(q, k, v, cache, meta, heads, 0.125, window)
+    chunk = SequenceStep(0, [1] * n, start, table, True, SamplingParams(), 0, 0)
+    as_prefill = A.build_metadata([chunk], 16, window, A.Workspace(torch.float32, cpu), cpu)
+    assert as_prefill.num_decode == 0
+    expected = A.paged_attention(q[:n], k[:n], v[:n], cache, as_prefill, heads, 0.125, window)
+    torch.testing.assert_close(got[:n], expected, rtol=1e-5, atol=1e-5)
+    alone = A.build_metadata([other], 16, window, A.Workspace(torch.float32, cpu), cpu)
+    torch.testing.assert_close(got[n:], A.paged_attention(q[n:], k[:1], v[:1], cache, alone,
+                                                          heads, 0.125, window))

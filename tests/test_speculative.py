@@ -114,7 +114,9 @@ def test_draft_model_speculation_gives_the_same_tokens(tiny_model, tmp_path, dra
     prompts, max_tokens = mixed_prompts(8)
     expected = greedy_tokens(LLM(str(model_dir), dtype="float32"), prompts, max_tokens)
     llm = LLM(str(model_dir), dtype="float32",
-              speculative={"method": "draft", "draft_model": str(draft), "num_tokens": k})
+              speculative={"method": "draft", "draft_model": str(draft), "num_tokens": k,
+                           # the target as its own draft agrees with itself in full precision
+                           "draft_quantization": "none" if draft_variant == "same" else "auto"})
     assert greedy_tokens(llm, prompts, max_tokens) == expected
     stats = llm.engine.speculation
     if draft_variant == "same":  # the target as its own draft agrees with itself
@@ -130,7 +132,8 @@ def test_speculation_with_preemption_and_chunked_prefill(tiny_model, method):
     options = dict(dtype="float32", num_kv_blocks=14, block_size=8, max_num_batched_tokens=16)
     expected = greedy_tokens(LLM(str(model_dir), **options), prompts, max_tokens)
     llm = LLM(str(model_dir), speculative={"method": method, "num_tokens": 4,
-                                           "draft_model": str(model_dir)}, **options)
+                                           "draft_model": str(model_dir),
+                                           "draft_quantization": "none"}, **options)
     assert greedy_tokens(llm, prompts, max_tokens) == expected
     assert llm.engine.scheduler.num_preemptions > 0
     if method == "draft":
@@ -150,7 +153,8 @@ def test_a_stop_inside_an_accepted_run_ends_where_plain_decoding_ends(tiny_model
               SamplingParams(max_tokens=20, temperature=0, stop=[stop_word])]
     expected = plain.generate([prompt, prompt], params)
     spec = LLM(str(model_dir), dtype="float32",
-               speculative={"method": "draft", "draft_model": str(model_dir), "num_tokens": 5})
+               speculative={"method": "draft", "draft_model": str(model_dir), "num_tokens": 5,
+                            "draft_quantization": "none"})
     got = spec.generate([prompt, prompt], params)
     assert [(r.token_ids, r.text, r.finish_reason) for r in got] == \
         [(r.token_ids, r.text, r.finish_reason) for r in expected]
@@ -162,7 +166,11 @@ def test_speculation_switches_off_above_the_batch_threshold(tiny_model):
     prompts, max_tokens = repeating_prompts()
     llm = LLM(str(model_dir), dtype="float32",
               speculative={"method": "draft", "draft_model": str(model_dir), "num_tokens": 3,
+                           "draft_quantization": "none",
                            "disable_above_batch": 2})
+    # one long request: alone at the end with more left than it decoded without its draft,
+    # it speculates again (a short tail would finish without)
+    max_tokens[3] = 100
     expected = greedy_tokens(LLM(str(model_dir), dtype="float32"), prompts, max_tokens)
     assert greedy_tokens(llm, prompts, max_tokens) == expected
     stats = llm.engine.speculation
@@ -226,12 +234,58 @@ def test_speculation_in_tensor_and_pipeline_parallel_layouts(ray_cluster, tiny_m
             llm.shutdown()
 
 
+def test_a_cheap_draft_restricted_head_int8_weights_early_stop_gives_the_same_tokens(
+        tiny_model, tmp_path):
+    """The draft's head scores only the tokens of draft_vocab.json (sampled columns map back
+    to their ids), its weights are int8, and it stops after an unsure token: its proposals
+    change, the outputs do not. The target as its own draft, its head cut to the tokens the
+    target picks plus others, still has every proposal accepted."""
+    import shutil
+
+    model_dir = tiny_model("llama-gqa")
+    prompts, max_tokens = mixed_prompts(8)
+    expected = greedy_tokens(LLM(str(model_dir), dtype="float32"), prompts, max_tokens)
+    picked = sorted({t for out in expected for t in out})
+    draft = tmp_path / "draft"
+    shutil.copytree(model_dir, draft)
+    others = [t for t in range(0, 1000, 7) if t not in picked]
+    (draft / "draft_vocab.json").write_text(json.dumps({"token_ids": sorted(picked + others)}))
+    for options, all_accepted in (({"draft_quantization": "none"}, True),
+                                  ({"draft_quantization": "int8-weight",
+                                    "draft_min_probability": 0.5}, False)):
+        llm = LLM(str(model_dir), dtype="float32", speculative={
+            "method": "draft", "draft_model": str(draft), "num_tokens": 3, **options})
+        shard = llm.engine.draft.executor.shard
+        logits = shard.model.compute_logits(torch.zeros(1, shard.shape.hidden_size))
+        assert logits.shape[-1] == len(picked) + len(others)
+        assert shard.quantization == options["draft_quantization"]
+        assert greedy_tokens(llm, prompts, max_tokens) == expected
+        stats = llm.engine.speculation
+        assert stats.proposed_tokens > 0
+        if all_accepted:
+            assert stats.accepted_tokens == stats.proposed_tokens
+    # the int8 draft stopped early: fewer proposals than num_tokens per verifying step
+    assert stats.proposed_tokens < 3 * stats.verified
+    # a draft head without the tokens the target picks: nothing of its is accepted wrongly
+    (draft / "draft_vocab.json").write_text(json.dumps({"token_ids": others}))
+    llm = LLM(str(model_dir), dtype="float32", speculative={
+        "method": "draft", "draft_model": str(draft), "num_tokens": 2})
+    assert greedy_tokens(llm, prompts, max_tokens) == expected
+    assert llm.engine.speculation.accepted_tokens == 0 < llm.engine.speculation.proposed_tokens
+
+
 def test_bad_speculative_options_are_refused(tiny_model, tmp_path):
     model_dir = str(tiny_model("llama-gqa"))
     with pytest.raises(ValueError, match="speculative.method must be"):
         LLM(model_dir, speculative={"method": "magic"})
     with pytest.raises(ValueError, match="draft_model"):
         LLM(model_dir, speculative={"method": "draft"})
+    with pytest.raises(ValueError, match="draft_quantization"):
+        LLM(model_dir, speculative={"method": "draft", "draft_model": model_dir,
+                                    "draft_quantization": "int4"})
+    with pytest.raises(ValueError, match="draft_min_probability"):
+        LLM(model_dir, speculative={"method": "draft", "draft_model": model_dir,
+                                    "draft_min_probability": 1.5})
     other = make_tiny_model(tmp_path / "other-vocab", "llama-gqa", vocab_size=500,
                             eos_token_id=499)
     with pytest.raises(ValueError, match="share the target's tokenizer"):
@@ -246,7 +300,8 @@ def test_distill_trains_a_student_that_transformers_and_shardserve_load(tiny_mod
     teacher = tiny_model("llama-gqa")
     out = tmp_path / "student"
     cmd = [*SHARDSERVE, "distill", "--teacher", str(teacher), "--layers", "1", "--out",
-           str(out), "--text-tokens", "64", "--steps", "40", "--window", "32",
+           str(out), "--draft-vocab", "300", "--text-tokens", "64", "--steps", "40",
+           "--window", "32",
            "--generations", "24", "--learning-rate", "3e-3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -258,6 +313,10 @@ def test_distill_trains_a_student_that_transformers_and_shardserve_load(tiny_mod
     AutoModelForCausalLM.from_pretrained(out)
     llm = LLM(str(out), dtype="float32")
     assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4))[0].token_ids) == 4
+    # the draft head: the 300 most frequent tokens, the special ones among them
+    head = json.loads((out / "draft_vocab.json").read_text())["token_ids"]
+    assert len(head) == 300 and EOS in head and head == sorted(set(head))
+    assert "draft head: the 300 most frequent tokens" in done.stdout
     # more steps resume from the checkpoint instead of starting over (the tiny word
     # tokenizer reads Debian's text as unknown words: the teacher's answers carry the signal)
     more = subprocess.run([*cmd[:-8], "--steps", "45", "--window", "32", "--generations", "24",
@@ -277,9 +336,6 @@ def test_student_layers_are_evenly_spaced_with_both_ends():
         student_layers(30, 31)
 
 
-_ = EOS
-
-
 def test_grpc_requests_choose_speculation_and_report_it(ray_cluster, tiny_model):
     """A real server: the request's speculative_tokens, the usage it reports, the metrics."""
     import grpc
@@ -289,16 +345,21 @@ def test_grpc_requests_choose_speculation_and_report_it(ray_cluster, tiny_model)
     prompts, max_tokens = repeating_prompts()
     expected = greedy_tokens(LLM(str(model_dir), dtype="float32"), prompts[:2], max_tokens[:2])
     client, info, stop = start(model_dir, speculative={
-        "method": "draft", "draft_model": str(model_dir), "num_tokens": 3})
+        "method": "draft", "draft_model": str(model_dir), "num_tokens": 3,
+        "draft_quantization": "none"})
     try:
         before = metrics(info)
         unary = client.generate(prompts[0], max_tokens=max_tokens[0], temperature=0)
         assert list(unary.token_ids) == expected[0]
         assert unary.usage.accepted_draft_tokens == unary.usage.draft_tokens > 0
+        # every step verified 3 drafts (the last ones fewer, near max_tokens)
+        assert 0 < unary.usage.speculative_steps * 3 >= unary.usage.draft_tokens
+        assert unary.usage.draft_seconds > 0 and unary.usage.verify_seconds > 0
         stream = list(client.generate_stream(prompts[1], max_tokens=max_tokens[1],
                                              temperature=0, speculative_tokens=1))
         assert [t for m in stream for t in m.token_ids] == expected[1]
         assert 0 < stream[-1].usage.draft_tokens <= max_tokens[1]  # one draft per step at most
+        assert stream[-1].usage.speculative_steps == stream[-1].usage.draft_tokens
         off = client.generate(prompts[1], max_tokens=max_tokens[1], temperature=0,
                               speculative_tokens=0)
         assert list(off.token_ids) == expected[1] and off.usage.draft_tokens == 0

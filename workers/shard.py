@@ -57,6 +57,10 @@ class ShardSpec:
     dist_init_method: str | None = None
     dist_timeout_s: float = 60.0
     seed: int = 0
+    # The LM head scores only these tokens, and sampled indices map back to them: a draft
+    # model's restricted vocabulary (cluster/speculative.py), whose head is then a fraction
+    # of its cost. None: the whole vocabulary.
+    head_token_ids: tuple[int, ...] | None = None
 
     @classmethod
     def from_config(cls, config, **placement) -> "ShardSpec":
@@ -183,7 +187,7 @@ class Shard:
         layer_range = spec.layer_range or (0, self.shape.num_layers)
         with torch.device(self.device):
             self.model = LlamaForCausalLM(hf_config, self.shape, self.ctx, layer_range,
-                                          self.dtype, self.device)
+                                          self.dtype, self.device, spec.head_token_ids)
         self.model.load(CheckpointReader(model_dir))
         self.model.eval()
         if self.sparsity == "2:4":
@@ -294,8 +298,8 @@ class Shard:
         # Decodes first, longest first: the attention batches them together, in groups of
         # similar length. Every shard orders the same way, so hidden-state rows line up
         # between pipeline stages.
-        seqs = sorted(plan.seqs, key=lambda s: (len(s.token_ids) != 1,
-                                                -s.context_length if len(s.token_ids) == 1 else 0))
+        seqs = sorted(plan.seqs, key=lambda s: (not s.is_decode,
+                                                -s.context_length if s.is_decode else 0))
         out = self._forward(seqs, hidden)
         if not self.ctx.is_last_stage:
             if self.ctx.tp_rank != 0:
@@ -312,7 +316,12 @@ class Shard:
         logits = self.model.compute_logits(out[rows])
         if self.ctx.tp_rank != 0:
             return None
-        return StepResult(plan.step_id, sample_and_verify(logits, to_sample))
+        tokens = sample_and_verify(logits, to_sample)
+        if self.spec.head_token_ids is not None:  # column i of the logits is token ids[i]
+            for t in tokens:
+                if t.error is None:
+                    t.token_id = self.spec.head_token_ids[t.token_id]
+        return StepResult(plan.step_id, tokens)
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> list[float]:
@@ -321,6 +330,7 @@ class Shard:
         and calibration: a single shard that serves nothing else; it allocates the cache
         the list needs when it has less)."""
         assert self.ctx.tp_size == 1 and self.ctx.pp_size == 1, "scoring runs on one shard"
+        assert self.spec.head_token_ids is None, "scoring needs the whole vocabulary"
         block_size = self.block_size or 16
         blocks = -(-len(token_ids) // block_size)
         if not self.kv_caches or blocks > self.kv_caches[0].keys.shape[1]:

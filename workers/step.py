@@ -87,10 +87,19 @@ class SequenceStep:
     # Speculative decoding: the last num_draft of token_ids are proposals to verify; the
     # result then holds the kept ones and one token of the target's (layers/verify.py).
     num_draft: int = 0
+    # Attend as decode rows, one per token, though there are several: a short run after a
+    # cached context (a draft model catching up on the tokens verification just accepted).
+    decode_rows: bool = False
 
     @property
     def context_length(self) -> int:
         return self.start_position + len(self.token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every token a decode: the sequence's next token, and any drafts after it. Each
+        then attends as a decode row of its own (a verify step costs about a decode step)."""
+        return self.decode_rows or len(self.token_ids) == self.num_draft + 1
 
 
 @dataclass

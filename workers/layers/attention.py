@@ -181,22 +181,28 @@ class Workspace:
 def build_metadata(seqs, block_size: int, sliding_window: int | None,
                    workspace: Workspace, device: torch.device,
                    token_seq_lens: bool = False) -> AttentionMetadata:
-    """`seqs`: SequenceSteps ordered with every single-token decode first, longest first."""
+    """`seqs`: SequenceSteps ordered with every decode first, longest first.
+
+    A decode row is one token attending to its context. A verifying sequence's last token
+    and drafts are one row each, the context growing by one per row: every row's key and
+    value are in the cache before any row attends, so that is causal attention over the run,
+    computed by the decode kernels (and the C decode layers) like any decode."""
     slots: list[int] = []
     for s in seqs:
         for pos in range(s.start_position, s.context_length):
             slots.append(s.block_table[pos // block_size] * block_size + pos % block_size)
-    decodes = [s for s in seqs if len(s.token_ids) == 1]
-    num_decode = len(decodes)
+    decodes = [s for s in seqs if s.is_decode]
+    rows = [(s, pos + 1) for s in decodes for pos in range(s.start_position, s.context_length)]
+    num_decode = len(rows)
     decode_ids, blocks_per_seq = [], 0
     if num_decode:
-        blocks_per_seq = max(-(-s.context_length // block_size) for s in decodes)
-        for s in decodes:
-            used = s.block_table[:-(-s.context_length // block_size)]
+        blocks_per_seq = max(-(-length // block_size) for _, length in rows)
+        for s, length in rows:
+            used = s.block_table[:-(-length // block_size)]
             decode_ids.extend(used + [0] * (blocks_per_seq - len(used)))
     prefills = []
     row = num_decode
-    for s in seqs[num_decode:]:
+    for s in seqs[len(decodes):]:
         n, ctx = len(s.token_ids), s.context_length
         block_ids = mask = None
         if s.start_position > 0:
@@ -215,7 +221,7 @@ def build_metadata(seqs, block_size: int, sliding_window: int | None,
         num_decode=num_decode,
         decode_block_ids=torch.tensor(decode_ids, dtype=torch.long, device=device),
         decode_blocks_per_seq=blocks_per_seq,
-        decode_context_lens=torch.tensor([s.context_length for s in decodes], dtype=torch.long,
+        decode_context_lens=torch.tensor([length for _, length in rows], dtype=torch.long,
                                          device=device),
         prefills=prefills,
         workspace=workspace,

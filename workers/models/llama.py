@@ -129,9 +129,13 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, hf_config, shape: ModelShape, ctx: ParallelContext,
-                 layer_range: tuple[int, int], dtype: torch.dtype, device: torch.device):
+                 layer_range: tuple[int, int], dtype: torch.dtype, device: torch.device,
+                 head_token_ids: tuple[int, ...] | None = None):
         super().__init__()
         self.shape, self.ctx, self.layer_range = shape, ctx, layer_range
+        # a restricted head (a draft's): only these rows of the LM head, on one rank
+        assert head_token_ids is None or ctx.tp_size == 1, "a restricted head runs at TP=1"
+        self.head_token_ids = head_token_ids
         if ctx.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, ctx,
                                                        dtype, device)
@@ -141,7 +145,8 @@ class LlamaForCausalLM(nn.Module):
                                       device)
         if ctx.is_last_stage:
             self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, dtype, device)
-            self.lm_head = ParallelLMHead(shape.vocab_size, shape.hidden_size, ctx, dtype, device)
+            rows = shape.vocab_size if head_token_ids is None else len(head_token_ids)
+            self.lm_head = ParallelLMHead(rows, shape.hidden_size, ctx, dtype, device)
 
     # The layers in one C call for decode-only steps, where that applies (after packing).
     decode_layers: DecodeLayers | None = None
@@ -158,7 +163,10 @@ class LlamaForCausalLM(nn.Module):
             self.norm.load(reader.get("model.norm.weight"))
             head = ("model.embed_tokens.weight" if self.shape.tie_word_embeddings
                     else "lm_head.weight")
-            self.lm_head.load(reader.get(head))
+            weight = reader.get(head)
+            if self.head_token_ids is not None:
+                weight = weight[:][torch.tensor(self.head_token_ids, dtype=torch.long)]
+            self.lm_head.load(weight)
 
     def forward(self, token_ids: torch.Tensor | None, hidden: torch.Tensor | None,
                 positions: torch.Tensor, kv_caches: list[LayerKVCache],
