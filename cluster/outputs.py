@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -50,16 +50,8 @@ class RequestOutput:
         logprobs = None
         if self.logprobs is not None or later.logprobs is not None:
             logprobs = (self.logprobs or []) + (later.logprobs or [])
-        return RequestOutput(
-            request_id=later.request_id, prompt_token_ids=later.prompt_token_ids,
-            delta_token_ids=self.delta_token_ids + later.delta_token_ids,
-            delta_text=self.delta_text + later.delta_text, finished=later.finished,
-            finish_reason=later.finish_reason, logprobs=logprobs, error=later.error,
-            error_code=later.error_code, arrival_time=self.arrival_time,
-            first_token_time=self.first_token_time or later.first_token_time,
-            num_preemptions=later.num_preemptions,
-            num_cached_tokens=later.num_cached_tokens, num_draft_tokens=later.num_draft_tokens,
-            num_accepted_tokens=later.num_accepted_tokens,
-            num_verify_steps=later.num_verify_steps, draft_seconds=later.draft_seconds,
-            verify_seconds=later.verify_seconds, token_ids=later.token_ids,
-            text=later.text)
+        # the later output's counts and state, with both outputs' deltas and the earlier times
+        return replace(later, delta_token_ids=self.delta_token_ids + later.delta_token_ids,
+                       delta_text=self.delta_text + later.delta_text, logprobs=logprobs,
+                       arrival_time=self.arrival_time,
+                       first_token_time=self.first_token_time or later.first_token_time)

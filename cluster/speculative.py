@@ -19,9 +19,11 @@ acceptance rule accounts for, so sampled outputs keep the target's distribution.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -37,9 +39,6 @@ DRAFT_VOCABULARY = "draft_vocab.json"  # {"token_ids": [...]} in a draft model's
 
 def draft_vocabulary(model_dir) -> tuple[int, ...] | None:
     """The token ids a draft's head is restricted to, or None for its whole vocabulary."""
-    import json
-    from pathlib import Path
-
     path = Path(model_dir) / DRAFT_VOCABULARY
     if not path.is_file():
         return None
