@@ -116,7 +116,7 @@ class Engine:
         quantization = sp.draft_quantization
         if quantization == "auto":  # int8 weights stream half the bytes of 16-bit on a CPU
             quantization = "int8-weight" if resolve_device(c.device).type == "cpu" else "none"
-        head = draft_vocabulary(resolve_model(sp.draft_model))
+        head = draft_vocabulary(resolve_model(sp.draft_model), self.shape.vocab_size)
         spec = ShardSpec(model=sp.draft_model, dtype=c.dtype, quantization=quantization,
                          kv_cache_dtype=c.kv_cache_dtype, device=c.device, cpu_gemm=c.cpu_gemm,
                          num_threads=c.num_threads, seed=c.seed, head_token_ids=head)

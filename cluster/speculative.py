@@ -37,12 +37,20 @@ _DECODE_ROWS = 16  # longer catch-ups (a prompt) attend as a prefill
 DRAFT_VOCABULARY = "draft_vocab.json"  # {"token_ids": [...]} in a draft model's directory
 
 
-def draft_vocabulary(model_dir) -> tuple[int, ...] | None:
+def draft_vocabulary(model_dir, vocab_size: int) -> tuple[int, ...] | None:
     """The token ids a draft's head is restricted to, or None for its whole vocabulary."""
     path = Path(model_dir) / DRAFT_VOCABULARY
     if not path.is_file():
         return None
-    return tuple(int(t) for t in json.loads(path.read_text())["token_ids"])
+    ids = tuple(int(t) for t in json.loads(path.read_text())["token_ids"])
+    if not ids:
+        raise ValueError(f"{path} lists no tokens; remove it to use the whole vocabulary")
+    if not all(0 <= t < vocab_size for t in ids):
+        raise ValueError(f"{path} lists token ids outside the draft's vocabulary of "
+                         f"{vocab_size} tokens")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path} lists a token twice")
+    return ids
 
 
 @dataclass

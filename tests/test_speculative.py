@@ -177,6 +177,38 @@ def test_speculation_switches_off_above_the_batch_threshold(tiny_model):
     assert stats.disabled_steps > 0 and stats.proposed_tokens > 0  # the tail ran alone
 
 
+def test_a_filling_batch_and_its_short_tail_do_not_start_the_draft(tiny_model):
+    """Six requests, prefilled a few tokens per step, then decoding together: more run or
+    wait than disable_above_batch from the start, so the first to decode do not speculate
+    (and make the draft catch up on prompts) either; the last few left, which decoded
+    without the draft for longer than they have left, finish without it."""
+    model_dir = tiny_model("llama-gqa")
+    prompts = mixed_prompts(6)[0]
+    max_tokens = [16] * len(prompts)
+    options = dict(dtype="float32", max_num_batched_tokens=16)
+    expected = greedy_tokens(LLM(str(model_dir), **options), prompts, max_tokens)
+    llm = LLM(str(model_dir), speculative={"method": "draft", "draft_model": str(model_dir),
+                                           "num_tokens": 3, "disable_above_batch": 2},
+              **options)
+    assert greedy_tokens(llm, prompts, max_tokens) == expected
+    stats = llm.engine.speculation
+    assert stats.disabled_steps > 0 and stats.proposed_tokens == 0
+    assert llm.engine.draft.seconds == 0  # not even a catch-up ran
+
+
+def test_a_draft_vocabulary_outside_the_vocabulary_is_refused(tiny_model, tmp_path):
+    import shutil
+
+    model_dir = tiny_model("llama-gqa")
+    draft = tmp_path / "draft"
+    shutil.copytree(model_dir, draft)
+    for ids, message in (([5, 7, 1000], "outside the draft's vocabulary of 1000"),
+                         ([], "lists no tokens"), ([3, 3], "twice")):
+        (draft / "draft_vocab.json").write_text(json.dumps({"token_ids": ids}))
+        with pytest.raises(ValueError, match=message):
+            LLM(str(model_dir), speculative={"method": "draft", "draft_model": str(draft)})
+
+
 def test_a_request_can_turn_speculation_off(tiny_model):
     model_dir = tiny_model("llama-gqa")
     prompts, max_tokens = repeating_prompts()
