@@ -1,5 +1,7 @@
 """Speculative decoding side by side, one run: SmolLM2 as the target, with no speculation,
-n-gram lookup, and a distilled draft model (`shardserve distill`), at batch 1 and batch 16.
+n-gram lookup, a distilled draft model (`shardserve distill`), and that draft behind n-gram
+lookup (speculative.ngram_first: the draft proposes where the lookup finds nothing), at batch 1
+and batch 16.
 
     python bench/speculative.py --draft DIR            # DIR from shardserve distill
     python bench/speculative.py --num-tokens 4 --out bench/results/speculative.json
@@ -98,6 +100,7 @@ def main() -> None:
         for key in ("draft_min_probability", "draft_quantization"):
             if getattr(args, key) is not None:
                 methods["draft"][key] = getattr(args, key)
+        methods["draft+ngram"] = {**methods["draft"], "ngram_first": True}
     llms = {name: LLM("smollm2", dtype="float32", kv_cache_memory="2GiB",
                       **({"speculative": sp} if sp else {}))
             for name, sp in methods.items()}
@@ -129,7 +132,7 @@ def main() -> None:
                     "identical": sum(a == b for a, b in zip(tokens, reference[1])),
                     "requests": len(subset)})
                 r = rows[-1]
-                print(f"{load:6} batch {batch:2} {name:5}: {r['tokens_per_s']:6.1f} tok/s "
+                print(f"{load:6} batch {batch:2} {name:11}: {r['tokens_per_s']:6.1f} tok/s "
                       f"{r['speedup']:.2f}x, acceptance {r['acceptance_rate'] or 0:.2f}, "
                       f"proposing {propose_s:.1f} s, verifying {verify_s:.1f} s of {seconds:.1f}, "
                       f"{r['identical']}/{len(subset)} identical", flush=True)

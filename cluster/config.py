@@ -101,6 +101,9 @@ class SpeculativeConfig:
     draft_min_probability: float = 0.0
     ngram_max: int = 4  # method ngram: longest and shortest suffix looked up
     ngram_min: int = 1
+    # method draft: a sequence whose latest tokens occurred before takes the n-gram
+    # proposal (no draft step), the draft proposes for the rest.
+    ngram_first: bool = False
     # Above this many running (or waiting) sequences, nobody speculates that step: verifying
     # k+1 tokens per sequence then costs more compute than the saved steps give back
     # (bench/README.md); 0 never switches off.

@@ -337,13 +337,17 @@ class Engine:
                     self.max_model_len - seq.num_tokens - 1)
             if self.draft is not None:
                 k = min(k, self.draft.max_context_len - seq.num_tokens)
-                # A sequence that decoded without speculation for longer than it has left
-                # (the tail of a large batch) would make the draft catch up on all of that
-                # for a few steps of use: it finishes without.
-                unseen = seq.num_tokens - max(seq.num_draft_computed, len(seq.prompt_token_ids))
-                if unseen > p.max_tokens - len(seq.output_token_ids):
-                    k = 0
+                if not sp.ngram_first and self._draft_too_far_behind(seq):
+                    k = 0  # (with ngram_first, an n-gram proposal may still come)
             seq.lookahead = max(k, 0)
+
+    @staticmethod
+    def _draft_too_far_behind(seq: Sequence) -> bool:
+        """A sequence that decoded without its draft for longer than it has left (the tail
+        of a large batch) would make the draft catch up on all of that for a few steps of
+        use: it finishes without."""
+        unseen = seq.num_tokens - max(seq.num_draft_computed, len(seq.prompt_token_ids))
+        return unseen > seq.params.max_tokens - len(seq.output_token_ids)
 
     def _propose(self, scheduled: list[ScheduledSequence]) -> None:
         """Fill in the drafts of the sequences the scheduler made room for."""
@@ -352,14 +356,21 @@ class Engine:
             return
         start = time.perf_counter()
         sp = self.config.speculative
-        if self.draft is not None:
-            drafts = self.draft.propose([(item.seq, item.num_lookahead,
-                                          self.kv.block_table(item.seq.seq_id))
-                                         for item in wanted])
-        else:
+        drafts: list[list[int]] = [[] for _ in wanted]
+        if self.draft is None or sp.ngram_first:
             drafts = [ngram_proposal(item.seq.token_ids(0, item.seq.num_tokens),
                                      item.num_lookahead, sp.ngram_max, sp.ngram_min)
                       for item in wanted]
+            self.speculation.ngram_proposed_tokens += sum(map(len, drafts))
+        if self.draft is not None:
+            # with ngram_first, the draft proposes where the lookup found nothing
+            asks = [i for i, item in enumerate(wanted) if not drafts[i] and not
+                    (sp.ngram_first and self._draft_too_far_behind(item.seq))]
+            proposed = self.draft.propose([(wanted[i].seq, wanted[i].num_lookahead,
+                                            self.kv.block_table(wanted[i].seq.seq_id))
+                                           for i in asks])
+            for i, draft in zip(asks, proposed):
+                drafts[i] = draft
         for item, draft in zip(wanted, drafts):
             item.draft = draft
             item.num_tokens = item.seq.num_uncomputed_tokens + len(draft)

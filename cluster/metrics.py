@@ -53,6 +53,9 @@ class Metrics:
         # = (accepted + verified) / verified
         self.speculative_proposed = Counter("shardserve_speculative_proposed_tokens",
                                             "Draft tokens proposed", registry=r)
+        self.speculative_ngram_proposed = Counter(
+            "shardserve_speculative_ngram_proposed_tokens",
+            "Of the draft tokens proposed, those from n-gram lookup", registry=r)
         self.speculative_accepted = Counter("shardserve_speculative_accepted_tokens",
                                             "Draft tokens the model kept", registry=r)
         self.speculative_verified = Counter("shardserve_speculative_verified",

@@ -328,6 +328,7 @@ class EngineLoop:
             self._preemptions_seen = preemptions
         now, seen = e.speculation, self._speculation_seen
         for counter, field in ((m.speculative_proposed, "proposed_tokens"),
+                               (m.speculative_ngram_proposed, "ngram_proposed_tokens"),
                                (m.speculative_accepted, "accepted_tokens"),
                                (m.speculative_verified, "verified"),
                                (m.speculative_disabled, "disabled_steps"),

@@ -58,6 +58,7 @@ class SpeculationStats:
     """What speculation did in one engine (the metrics and bench read it)."""
     verified: int = 0  # sequence-steps that verified drafts
     proposed_tokens: int = 0
+    ngram_proposed_tokens: int = 0  # of proposed_tokens, those from n-gram lookup
     accepted_tokens: int = 0
     disabled_steps: int = 0  # steps where the batch was too large to speculate
     propose_seconds: float = 0.0

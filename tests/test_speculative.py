@@ -140,6 +140,24 @@ def test_speculation_with_preemption_and_chunked_prefill(tiny_model, method):
         assert llm.engine.speculation.accepted_tokens > 0
 
 
+def test_ngram_first_takes_the_lookup_where_it_matches_and_the_draft_elsewhere(
+        tiny_model, tmp_path):
+    """A draft that disagrees with the target (another random model) behind n-gram lookup,
+    in a mixed batch with preemption and chunked prefill: the draft catches up on the
+    tokens the lookup's runs added, the outputs stay the target's."""
+    model_dir = tiny_model("llama-gqa")
+    draft = make_tiny_model(tmp_path / "draft", "llama-gqa", seed=7, num_layers=1)
+    prompts, max_tokens = repeating_prompts()
+    options = dict(dtype="float32", num_kv_blocks=14, block_size=8, max_num_batched_tokens=16)
+    expected = greedy_tokens(LLM(str(model_dir), **options), prompts, max_tokens)
+    llm = LLM(str(model_dir), speculative={"method": "draft", "draft_model": str(draft),
+                                           "num_tokens": 3, "ngram_first": True}, **options)
+    assert greedy_tokens(llm, prompts, max_tokens) == expected
+    stats = llm.engine.speculation
+    assert 0 < stats.ngram_proposed_tokens < stats.proposed_tokens  # both proposed
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
 def test_a_stop_inside_an_accepted_run_ends_where_plain_decoding_ends(tiny_model, tmp_path):
     """The draft is the target itself, so whole runs are accepted; the stop token and the
     stop string fall inside them."""
@@ -405,6 +423,8 @@ def test_grpc_requests_choose_speculation_and_report_it(ray_cluster, tiny_model)
         assert after[proposed] - before.get(proposed, 0) == (
             unary.usage.draft_tokens + stream[-1].usage.draft_tokens)
         assert after[accepted] > before.get(accepted, 0)
+        # a draft model without ngram_first: no proposal came from n-gram lookup
+        assert after["shardserve_speculative_ngram_proposed_tokens_total"] == 0
         assert client.model_info().sparsity == "none"
     finally:
         stop()
