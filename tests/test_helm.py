@@ -255,6 +255,18 @@ def test_default_values_serve_smollm2_on_cpu(default_manifests, tmp_path):
         assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
 
 
+def test_the_http_api_and_metrics_can_be_turned_off(helm, tmp_path):
+    """Helm drops a port set to null, so service.http / service.metrics are the switches:
+    off, the server's config has no port for them, and neither pod nor Service exposes one."""
+    manifests = _render(helm, sets=("service.http=false", "service.metrics=false"))
+    _, server = _load_rendered_config(manifests, tmp_path)
+    assert server.http_port is None and server.metrics_port is None and server.port == 50051
+    (head,) = _pod(manifests, "head")["containers"]
+    assert {p["name"] for p in head["ports"]} == {"grpc", "gcs", "dashboard", "client"}
+    service = _one(manifests, "Service", "shardserve")
+    assert [p["name"] for p in service["spec"]["ports"]] == ["grpc"]
+
+
 def test_gpu_values_request_gpus_and_land_on_gpu_nodes(gpu_manifests, tmp_path):
     worker_deploy = _one(gpu_manifests, "Deployment", "-worker")
     pod = worker_deploy["spec"]["template"]["spec"]

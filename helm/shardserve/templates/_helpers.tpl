@@ -149,11 +149,15 @@ kernels) goes to a writable per-pod volume whatever the image's home directory. 
 {{- end }}
 
 {{/*
-The head's OpenAI-compatible HTTP port: config.server.http_port, else the loader's default.
-Helm drops a key set to null when it merges values, so the chart always serves the API.
+The head's OpenAI-compatible HTTP and metrics ports: config.server's, else the loader's
+defaults; "" where service.http / service.metrics turn them off (Helm drops a key set to null
+when it merges values, so a null port could not).
 */}}
 {{- define "shardserve.httpPort" -}}
-{{- int ((.Values.config.server | default dict).http_port | default 8000) }}
+{{- if .Values.service.http }}{{ int ((.Values.config.server | default dict).http_port | default 8000) }}{{ end }}
+{{- end }}
+{{- define "shardserve.metricsPort" -}}
+{{- if .Values.service.metrics }}{{ int ((.Values.config.server | default dict).metrics_port | default 9400) }}{{ end }}
 {{- end }}
 
 {{/* Where the TLS Secret is mounted on the head. */}}
@@ -164,6 +168,10 @@ Helm drops a key set to null when it merges values, so the chart always serves t
 {{/* The serving config as mounted: .Values.config, with the TLS Secret's files when set. */}}
 {{- define "shardserve.config" -}}
 {{- $config := deepCopy .Values.config }}
+{{- $served := $config.server | default dict }}
+{{- if not .Values.service.http }}{{ $_ := set $served "http_port" nil }}{{ end }}
+{{- if not .Values.service.metrics }}{{ $_ := set $served "metrics_port" nil }}{{ end }}
+{{- $_ := set $config "server" $served }}
 {{- if .Values.tls.secretName }}
 {{- $server := $config.server | default dict }}
 {{- $_ := set $server "tls_cert_file" (printf "%s/tls.crt" (include "shardserve.tlsDir" .)) }}
