@@ -10,6 +10,7 @@
     shardserve smooth --model M --out DIR [--alpha 0.5]
     shardserve compress --model M --out DIR [--quantization Q] [--sparsity 2:4]
     shardserve distill --teacher M --layers K --out DIR [--minutes 30]
+    shardserve distill --teacher M --head --out DIR [--minutes 20]
 """
 
 from __future__ import annotations
@@ -131,16 +132,37 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import describe, run
 
     out = Path(args.out)
-    if out.exists() and not (out / "checkpoint.pt").exists() and any(out.iterdir()):
+    resumable = any((out / f).exists() for f in ("checkpoint.pt", "teacher_generations.json"))
+    if out.exists() and not resumable and any(out.iterdir()):
         print(f"error: {out} exists and holds no checkpoint to resume; choose a new directory",
               file=sys.stderr)
         return 2
     if (out / "checkpoint.pt").exists():
         print(f"resuming from {out / 'checkpoint.pt'}", flush=True)
+    if (args.layers is None) == (not args.head):
+        print("error: give either --layers K (a student model) or --head (a draft head)",
+              file=sys.stderr)
+        return 2
     config = DistillConfig(seconds=args.minutes * 60, max_steps=args.steps, window=args.window,
                            learning_rate=args.learning_rate, temperature=args.temperature,
                            ce_weight=args.ce_weight, seed=args.seed,
                            max_text_tokens=args.text_tokens)
+    if args.head:
+        from shardserve.workers.draft_head import HeadTrainConfig
+
+        from .distill import describe_head, run_head
+
+        head_config = HeadTrainConfig(seconds=args.minutes * 60, max_steps=args.steps,
+                                      depth=args.depth, temperature=args.temperature,
+                                      learning_rate=args.head_learning_rate, seed=args.seed)
+        try:
+            head_report = run_head(args.teacher, out, config, head_config, args.generations,
+                                   vocabulary=args.draft_vocab, inner_size=args.inner_size)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(describe_head(head_report, out))
+        return 0
     try:
         report = run(args.teacher, args.layers, out, config, args.generations,
                      vocabulary=args.draft_vocab)
@@ -373,8 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     distill = sub.add_parser("distill", help="train a small draft model from a teacher (KL to "
                                              "its softened logits) for speculative decoding")
     distill.add_argument("--teacher", default="smollm2")
-    distill.add_argument("--layers", type=int, required=True,
+    distill.add_argument("--layers", type=int,
                          help="the student's layers, taken evenly from the teacher's")
+    distill.add_argument("--head", action="store_true",
+                         help="distill a draft head instead (workers/draft_head.py): a small "
+                              "MLP stepping on from the target's last hidden state")
+    distill.add_argument("--inner-size", type=int, default=1536,
+                         help="--head: the width of the head's MLP")
+    distill.add_argument("--depth", type=int, default=4,
+                         help="--head: draft steps unrolled in training")
+    distill.add_argument("--head-learning-rate", type=float, default=1e-3)
     distill.add_argument("--out", required=True, help="where the student (and its training "
                                                       "checkpoint, to resume from) goes")
     distill.add_argument("--minutes", type=float, default=20, help="training time budget "

@@ -90,9 +90,13 @@ class SpeculativeConfig:
     """Speculative decoding (cluster/speculative.py): a cheap proposer guesses num_tokens
     tokens per decoding sequence and the model verifies them in one step. Greedy outputs are
     unchanged, sampled ones keep the model's distribution."""
-    method: str = "none"  # none | ngram (prompt lookup) | draft (a small model)
+    # none | ngram (prompt lookup) | draft (a small model) | draft_head (a small MLP on the
+    # model's own last hidden state: workers/draft_head.py)
+    method: str = "none"
     num_tokens: int = 3  # proposed per sequence per step (a request may ask for fewer)
-    draft_model: str | None = None  # method draft: a model with the target's tokenizer
+    # method draft: a model with the target's tokenizer; draft_head: a head's directory
+    # (both from shardserve distill)
+    draft_model: str | None = None
     # The draft's weights: auto is int8-weight on CPU (half the bytes, and the draft's
     # numbers cannot change an output), none on GPU; or none / int8-weight.
     draft_quantization: str = "auto"
@@ -101,8 +105,8 @@ class SpeculativeConfig:
     draft_min_probability: float = 0.0
     ngram_max: int = 4  # method ngram: longest and shortest suffix looked up
     ngram_min: int = 1
-    # method draft: a sequence whose latest tokens occurred before takes the n-gram
-    # proposal (no draft step), the draft proposes for the rest.
+    # method draft or draft_head: a sequence whose latest tokens occurred before takes the
+    # n-gram proposal (no draft step), the draft proposes for the rest.
     ngram_first: bool = False
     # Above this many running (or waiting) sequences, nobody speculates that step: verifying
     # k+1 tokens per sequence then costs more compute than the saved steps give back
@@ -110,7 +114,7 @@ class SpeculativeConfig:
     disable_above_batch: int = 8
 
 
-SPECULATIVE_METHODS = ("none", "ngram", "draft")
+SPECULATIVE_METHODS = ("none", "ngram", "draft", "draft_head")
 QUANTIZATIONS = ("none", "int8-weight", "w8a8-smoothquant", "llm-int8")
 CPU_GEMMS = ("auto", "panels", "onednn")
 SPARSITIES = ("none", "2:4")
@@ -206,11 +210,14 @@ class EngineConfig:
             (self.sparsity_score in SPARSITY_SCORES,
              f"sparsity_score must be activation or magnitude, got {self.sparsity_score!r}"),
             (sp.method in SPECULATIVE_METHODS,
-             f"speculative.method must be none, ngram or draft, got {sp.method!r}"),
+             f"speculative.method must be none, ngram, draft or draft_head, got {sp.method!r}"),
             (sp.num_tokens >= 1, "speculative.num_tokens must be >= 1"),
             (sp.method != "draft" or bool(sp.draft_model),
              "speculative.method draft needs speculative.draft_model: a model directory with "
              "the target's tokenizer (shardserve distill makes one)"),
+            (sp.method != "draft_head" or bool(sp.draft_model),
+             "speculative.method draft_head needs speculative.draft_model: a draft head's "
+             "directory (shardserve distill --head makes one)"),
             (1 <= sp.ngram_min <= sp.ngram_max,
              "speculative.ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max"),
             (sp.disable_above_batch >= 0, "speculative.disable_above_batch must be >= 0"),

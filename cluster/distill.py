@@ -1,4 +1,5 @@
-"""`shardserve distill`: train a small draft model from the model being served.
+"""`shardserve distill`: train a small draft model from the model being served, or with
+`--head` a draft head (workers/draft_head.py; `run_head` below) on the same data.
 
 The student has the teacher's architecture and tokenizer with K of its layers: layers evenly
 spaced over the teacher's depth, the first and the last included (the first reads the
@@ -92,6 +93,22 @@ def teacher_generations(teacher_dir: Path, tokenizer, windows: list[list[int]], 
     return [p + r.token_ids for p, r in zip(prompts, results)]
 
 
+def teacher_answers(out: Path, teacher_dir, tokenizer, windows: list[list[int]],
+                    generations: int, config, progress: bool) -> list[list[int]]:
+    """teacher_generations, written once to out/teacher_generations.json and read from
+    there by a run that resumes."""
+    path = out / "teacher_generations.json"
+    if generations and not path.exists():
+        start = time.perf_counter()
+        generated = teacher_generations(teacher_dir, tokenizer, windows, generations,
+                                        config.window, config.seed)
+        path.write_text(json.dumps(generated))
+        if progress:
+            print(f"the teacher wrote {len(generated)} answers in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def frequent_tokens(windows: list[list[int]], count: int, always: list[int],
                     vocab_size: int) -> list[int]:
     """The `count` most frequent token ids in the windows, plus `always`, in id order."""
@@ -159,17 +176,8 @@ def run(teacher: str, k: int, out: Path, config, generations: int = 384,
     student = make_student(teacher_model, layers)
     out.mkdir(parents=True, exist_ok=True)
     windows, texts = training_windows(tokenizer, config)
-    generated_path = out / "teacher_generations.json"
-    if generations and not generated_path.exists():
-        start = time.perf_counter()
-        generated = teacher_generations(teacher_dir, tokenizer, windows, generations,
-                                        config.window, config.seed)
-        generated_path.write_text(json.dumps(generated))
-        if progress:
-            print(f"the teacher wrote {len(generated)} answers in "
-                  f"{time.perf_counter() - start:.0f} s", flush=True)
-    if generated_path.exists():
-        windows = windows + json.loads(generated_path.read_text())
+    windows = windows + teacher_answers(out, teacher_dir, tokenizer, windows, generations,
+                                        config, progress)
     vocab_size = teacher_model.config.vocab_size
     head_ids = (frequent_tokens(windows, vocabulary, tokenizer.all_special_ids, vocab_size)
                 if 0 < vocabulary < vocab_size else [])
@@ -213,3 +221,98 @@ def describe(r: StudentReport, out: Path) -> str:
                f"{100 * r.vocabulary_coverage:.1f}% of the held-out text's tokens\n"
                if r.vocabulary else "") +
             f"serve it as a draft: speculative: {{method: draft, draft_model: {out}}}")
+
+
+# --- a draft head (workers/draft_head.py) ----------------------------------------------------
+
+@dataclass
+class HeadReport:
+    parameters: int
+    bytes: int
+    agreement_text: list[float]  # per draft step, on the held-out GPL-3
+    agreement_answers: list[float]  # per draft step, on held-out answers of the teacher
+    vocabulary: int
+    steps: int
+    tokens: int
+    seconds: float
+    first_loss: float
+    last_loss: float
+
+
+def run_head(teacher: str, out: Path, config, head_config, generations: int = 384,
+             progress: bool = True, vocabulary: int = 8192, inner_size: int = 1536,
+             held_out_answers: int = 32) -> HeadReport:
+    """Distill a draft head from the teacher: its hidden states over Debian's text and over
+    its own answers to chat requests (the last held_out_answers of them kept for the
+    evaluation). config: a DistillConfig (text, window, seed); head_config: a HeadTrainConfig
+    (budget, depth, learning rate, ...)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shardserve.workers.distillation import training_windows
+    from shardserve.workers.draft_head import (HEAD_WEIGHTS, DraftHead, DraftHeadConfig,
+                                               head_agreement, teacher_states,
+                                               train_draft_head)
+    from shardserve.workers.loader import resolve_model
+
+    from .quality import EVALUATION_TEXT, text_windows
+
+    teacher_dir = resolve_model(teacher)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    windows, _ = training_windows(tokenizer, config)
+    answers = teacher_answers(out, teacher_dir, tokenizer, windows, generations, config,
+                              progress)
+    held = answers[len(answers) - min(held_out_answers, len(answers) // 4):]
+    windows = windows + answers[:len(answers) - len(held)]
+    vocab_size = model.config.vocab_size
+    head_ids = (frequent_tokens(windows, vocabulary, tokenizer.all_special_ids, vocab_size)
+                if 0 < vocabulary < vocab_size else list(range(vocab_size)))
+    embed = model.get_input_embeddings().weight.detach()
+    lm_head = model.get_output_embeddings().weight.detach()[torch.tensor(head_ids)]
+    head = DraftHead(DraftHeadConfig(model.config.hidden_size, inner_size, vocab_size,
+                                     str(teacher)), embed, lm_head, head_ids)
+
+    states_path = out / "teacher_states.pt"  # minutes of the teacher's CPU: kept to resume
+    if states_path.exists():
+        states = torch.load(states_path, weights_only=True)
+    else:
+        states = teacher_states(model, windows, progress=progress)
+        torch.save(states, states_path)
+    tokens = torch.tensor(windows)
+    report = train_draft_head(head, states, tokens, head_config, progress,
+                              checkpoint=out / "checkpoint.pt")
+    del states
+    head.save(out)
+    if 0 < vocabulary < vocab_size:
+        (out / DRAFT_VOCABULARY).write_text(json.dumps({"token_ids": head_ids}))
+
+    def agreement(held_windows: list[list[int]]) -> list[float]:
+        held_windows = [w for w in held_windows if len(w) == config.window]
+        if not held_windows:
+            return []
+        return head_agreement(head, teacher_states(model, held_windows, progress=False),
+                              torch.tensor(held_windows), head_config.depth)
+
+    text = (text_windows(tokenizer, EVALUATION_TEXT.read_text(errors="replace"),
+                         config.window)[:16] if EVALUATION_TEXT.is_file() else [])
+    return HeadReport(sum(p.numel() for p in head.parameters()),
+                      (out / HEAD_WEIGHTS).stat().st_size, agreement(text), agreement(held),
+                      len(head_ids) if 0 < vocabulary < vocab_size else 0, report.steps,
+                      report.tokens, report.seconds, report.first_loss, report.last_loss)
+
+
+def describe_head(r: HeadReport, out: Path) -> str:
+    def steps(values: list[float]) -> str:
+        return ", ".join(f"{v:.3f}" for v in values) or "no held-out text"
+
+    return (f"wrote {out}: a draft head of {r.parameters / 1e6:.2f}M parameters, "
+            f"{r.bytes / 2 ** 20:.1f} MiB (it reads the target's embedding and LM head)\n"
+            f"trained {r.steps} steps, {r.tokens} tokens in {r.seconds / 60:.1f} min, loss "
+            f"{r.first_loss:.3f} -> {r.last_loss:.3f}\n"
+            f"top-1 agreement with the teacher at draft steps 1, 2, ...: held-out answers "
+            f"{steps(r.agreement_answers)}; Debian's GPL-3 {steps(r.agreement_text)}\n"
+            + (f"draft head vocabulary: the {r.vocabulary} most frequent tokens "
+               f"({DRAFT_VOCABULARY})\n" if r.vocabulary else "") +
+            f"serve it: speculative: {{method: draft_head, draft_model: {out}}}")

@@ -28,7 +28,8 @@ from .kv_manager import KVCacheManager
 from .outputs import RequestOutput, TokenLogprob
 from .scheduler import ScheduledSequence, Scheduler
 from .sequence import Sequence, SequenceStatus, next_seq_id
-from .speculative import DraftModel, SpeculationStats, draft_vocabulary, ngram_proposal
+from .speculative import (DraftHeadProposer, DraftModel, SpeculationStats, draft_vocabulary,
+                          ngram_proposal)
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,17 @@ class Engine:
                                    s.scheduling_policy, self.num_lanes)
         self.speculation = SpeculationStats()
         self.draft: DraftModel | None = None
+        self.draft_head: DraftHeadProposer | None = None
         if config.speculative.method == "draft":
             self.draft = self._draft_model(num_blocks, cache.block_size)
+        elif config.speculative.method == "draft_head":
+            sp = config.speculative
+            self.draft_head = DraftHeadProposer(sp.draft_model, self.model_dir,
+                                                self.shape.vocab_size,
+                                                self.shape.tie_word_embeddings,
+                                                sp.draft_min_probability)
+            log.info("speculative decoding with the draft head %s (int8 weights), up to %d "
+                     "tokens per step", sp.draft_model, sp.num_tokens)
         # lane -> (handle, its sequences, when it was sent)
         self._in_flight: dict[int, tuple[object, list[ScheduledSequence], float]] = {}
         self._step_ids = itertools.count()
@@ -289,7 +299,8 @@ class Engine:
             if not scheduled:
                 continue
             self._propose(scheduled)
-            plan = StepPlan(next(self._step_ids), [self._sequence_step(s) for s in scheduled])
+            plan = StepPlan(next(self._step_ids), [self._sequence_step(s) for s in scheduled],
+                            return_hidden=self.draft_head is not None)
             sent = time.perf_counter()  # before submit: a local executor runs the step in it
             try:
                 self._in_flight[lane] = (self.executor.submit(plan), scheduled, sent)
@@ -357,7 +368,7 @@ class Engine:
         start = time.perf_counter()
         sp = self.config.speculative
         drafts: list[list[int]] = [[] for _ in wanted]
-        if self.draft is None or sp.ngram_first:
+        if (self.draft is None and self.draft_head is None) or sp.ngram_first:
             drafts = [ngram_proposal(item.seq.token_ids(0, item.seq.num_tokens),
                                      item.num_lookahead, sp.ngram_max, sp.ngram_min)
                       for item in wanted]
@@ -369,6 +380,12 @@ class Engine:
             proposed = self.draft.propose([(wanted[i].seq, wanted[i].num_lookahead,
                                             self.kv.block_table(wanted[i].seq.seq_id))
                                            for i in asks])
+            for i, draft in zip(asks, proposed):
+                drafts[i] = draft
+        if self.draft_head is not None:
+            asks = [i for i in range(len(wanted)) if not drafts[i]]
+            proposed = self.draft_head.propose([(wanted[i].seq, wanted[i].num_lookahead)
+                                                for i in asks])
             for i, draft in zip(asks, proposed):
                 drafts[i] = draft
         for item, draft in zip(wanted, drafts):
@@ -411,6 +428,8 @@ class Engine:
                                                           seq.num_tokens), seq.token_ids)
             if tokens is None:
                 continue  # a prompt chunk that did not reach the end yet
+            if self.draft_head is not None:
+                seq.last_hidden = result.hidden_states.get(seq.seq_id)
             try:
                 out = None
                 for token in tokens:

@@ -52,6 +52,9 @@ class Sequence:
     # in the request's usage.
     lookahead: int = 0
     num_draft_computed: int = 0
+    # the model's final hidden state where its latest token came from (a numpy vector; only
+    # with speculative.method draft_head, which steps on from it)
+    last_hidden: object = None
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_verify_steps: int = 0  # steps that verified drafts of this request

@@ -12,6 +12,10 @@ which the target model then verifies in one step (workers/layers/verify.py).
   vocabulary its directory lists in draft_vocab.json (distill writes the tokens that make up
   nearly all of the teacher's text; a small model's head is most of its cost), its weights
   may be int8, and it stops proposing for a sequence after a token it is unsure of.
+- `draft_head`: a small MLP that steps on from the target's own final hidden state, which
+  every step returns for the sequences it sampled (workers/draft_head.py; `shardserve
+  distill --head` makes one). No layers, no KV cache, no catching up: a few matrix-vector
+  products per proposed token, in the engine's process, on the target's embedding and LM head.
 
 Proposals are deterministic (a point mass on each draft token), which verification's
 acceptance rule accounts for, so sampled outputs keep the target's distribution.
@@ -156,3 +160,51 @@ class DraftModel:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+class DraftHeadProposer:
+    """A draft head (workers/draft_head.py) on the target's embedding and LM head."""
+
+    def __init__(self, head_dir, target_dir, vocab_size: int, tie_word_embeddings: bool,
+                 min_probability: float = 0.0):
+        import torch
+
+        from shardserve.workers.draft_head import is_draft_head, load_draft_head
+        from shardserve.workers.loader import CheckpointReader
+
+        if not is_draft_head(head_dir):
+            raise ValueError(f"{head_dir} holds no draft head (draft_head.json): make one with "
+                             "shardserve distill --head, or serve a draft model with "
+                             "speculative.method draft")
+        head_ids = draft_vocabulary(head_dir, vocab_size)
+        reader = CheckpointReader(target_dir)
+        embed = reader.get("model.embed_tokens.weight")[:].float()
+        lm_head = embed if tie_word_embeddings else reader.get("lm_head.weight")[:].float()
+        if head_ids is not None:
+            lm_head = lm_head[torch.tensor(head_ids)]
+        self.head = load_draft_head(head_dir, embed, lm_head.contiguous(),
+                                    list(head_ids) if head_ids is not None else None)
+        self.head.serve_int8()  # it runs on this process's CPU
+        self.min_probability = min_probability
+        self.seconds = 0.0
+
+    def propose(self, items: list[tuple[Sequence, int]]) -> list[list[int]]:
+        """items: (sequence, k); up to k tokens each, none for a sequence whose hidden state
+        the last step did not return (it failed, or it has not sampled since preemption)."""
+        import torch
+
+        start = time.perf_counter()
+        drafts: list[list[int]] = [[] for _ in items]
+        ready = [i for i, (seq, k) in enumerate(items) if seq.last_hidden is not None and k]
+        if ready:
+            states = torch.from_numpy(np.stack([items[i][0].last_hidden for i in ready]))
+            last = torch.tensor([items[i][0].output_token_ids[-1] for i in ready])
+            k = max(items[i][1] for i in ready)
+            for i, draft in zip(ready, self.head.propose(states, last, k,
+                                                         self.min_probability)):
+                drafts[i] = draft[:items[i][1]]
+        self.seconds += time.perf_counter() - start
+        return drafts
+
+    def shutdown(self) -> None:
+        pass

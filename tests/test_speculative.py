@@ -1,4 +1,4 @@
-"""Speculative decoding (n-gram lookup and a draft model) and `shardserve distill`.
+"""Speculative decoding (n-gram lookup, a draft model, a draft head) and `shardserve distill`.
 
 Greedy outputs with speculation must be the outputs without it, token for token, in every
 batch mix and layout; sampled outputs must keep the target's distribution; a stop inside an
@@ -28,6 +28,33 @@ def repeating_prompts() -> tuple[list[list[int]], list[int]]:
     prompts = [base[0] * 4, base[1] * 3 + base[1][:5], base[2] * 7, base[3] + base[3][:9],
                *mixed_prompts(4)[0]]
     return prompts, [24, 30, 17, 40, 12, 30, 5, 20]
+
+
+@pytest.fixture(scope="module")
+def tiny_head(tiny_model, tmp_path_factory):
+    """tiny_head(variant) -> a draft head distilled from that tiny model (built once)."""
+    from shardserve.cluster.distill import run_head
+    from shardserve.workers.distillation import DistillConfig
+    from shardserve.workers.draft_head import HeadTrainConfig
+
+    made = {}
+
+    def get(variant: str = "llama-gqa"):
+        if variant not in made:
+            out = tmp_path_factory.mktemp(f"head-{variant}")
+            run_head(str(tiny_model(variant)), out, DistillConfig(window=32, max_text_tokens=64),
+                     HeadTrainConfig(max_steps=60, depth=3), generations=24, progress=False,
+                     vocabulary=300)
+            made[variant] = out
+        return made[variant]
+
+    return get
+
+
+def answer_prompts(head_dir) -> list[list[int]]:
+    """The starts of the teacher's held-out answers (what its head was trained to follow)."""
+    answers = json.loads((head_dir / "teacher_generations.json").read_text())
+    return [a[:12] for a in answers[-4:]]
 
 
 def greedy_tokens(llm, prompts, max_tokens) -> list[list[int]]:
@@ -125,19 +152,46 @@ def test_draft_model_speculation_gives_the_same_tokens(tiny_model, tmp_path, dra
         assert stats.accepted_tokens < stats.proposed_tokens
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
-def test_speculation_with_preemption_and_chunked_prefill(tiny_model, method):
+@pytest.mark.parametrize("method", ["ngram", "draft", "draft_head"])
+def test_speculation_with_preemption_and_chunked_prefill(tiny_model, tiny_head, method):
     model_dir = tiny_model("llama-gqa")
     prompts, max_tokens = repeating_prompts()
+    draft = model_dir
+    if method == "draft_head":
+        draft = tiny_head("llama-gqa")
+        prompts, max_tokens = prompts + answer_prompts(draft), max_tokens + [20, 24, 16, 20]
     options = dict(dtype="float32", num_kv_blocks=14, block_size=8, max_num_batched_tokens=16)
     expected = greedy_tokens(LLM(str(model_dir), **options), prompts, max_tokens)
     llm = LLM(str(model_dir), speculative={"method": method, "num_tokens": 4,
-                                           "draft_model": str(model_dir),
+                                           "draft_model": str(draft),
                                            "draft_quantization": "none"}, **options)
     assert greedy_tokens(llm, prompts, max_tokens) == expected
     assert llm.engine.scheduler.num_preemptions > 0
-    if method == "draft":
+    if method != "ngram":
         assert llm.engine.speculation.accepted_tokens > 0
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_draft_head_speculation_gives_the_same_tokens(tiny_model, tiny_head, k):
+    """A head distilled from the target, in a mixed batch: random prompts (where it guesses
+    wrong) beside the starts of the teacher's held-out answers (where it guesses right);
+    greedy and seeded sampled outputs are those of decoding one token at a time."""
+    model_dir = tiny_model("llama-gqa")
+    head = tiny_head("llama-gqa")
+    prompts, max_tokens = mixed_prompts(6)
+    prompts, max_tokens = prompts + answer_prompts(head), max_tokens + [20, 24, 16, 20]
+    plain = LLM(str(model_dir), dtype="float32")
+    expected = greedy_tokens(plain, prompts, max_tokens)
+    llm = LLM(str(model_dir), dtype="float32",
+              speculative={"method": "draft_head", "draft_model": str(head), "num_tokens": k})
+    assert greedy_tokens(llm, prompts, max_tokens) == expected
+    stats = llm.engine.speculation
+    assert 0 < stats.accepted_tokens < stats.proposed_tokens
+    sampled = [SamplingParams(max_tokens=n, temperature=0.8, top_p=0.9, seed=i)
+               for i, n in enumerate(max_tokens)]
+    assert [r.token_ids for r in llm.generate(prompts, sampled)] == \
+        [r.token_ids for r in plain.generate(prompts, sampled)]
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
 def test_ngram_first_takes_the_lookup_where_it_matches_and_the_draft_elsewhere(
@@ -269,12 +323,16 @@ def test_sampled_outputs_keep_the_target_distribution_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
-def test_speculation_in_tensor_and_pipeline_parallel_layouts(ray_cluster, tiny_model, tp, pp):
+def test_speculation_in_tensor_and_pipeline_parallel_layouts(ray_cluster, tiny_model, tiny_head,
+                                                             tp, pp):
     model_dir = tiny_model("llama-gqa-untied")
+    head = tiny_head("llama-gqa-untied")  # its hidden states come back from the last stage
     prompts, max_tokens = repeating_prompts()
+    prompts, max_tokens = prompts + answer_prompts(head), max_tokens + [20, 24, 16, 20]
     expected = greedy_tokens(LLM(str(model_dir), dtype="float32"), prompts, max_tokens)
     for speculative in ({"method": "ngram", "num_tokens": 3},
-                        {"method": "draft", "draft_model": str(model_dir), "num_tokens": 2}):
+                        {"method": "draft", "draft_model": str(model_dir), "num_tokens": 2},
+                        {"method": "draft_head", "draft_model": str(head), "num_tokens": 3}):
         llm = serve(model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                     speculative=speculative)
         try:
@@ -324,7 +382,7 @@ def test_a_cheap_draft_restricted_head_int8_weights_early_stop_gives_the_same_to
     assert llm.engine.speculation.accepted_tokens == 0 < llm.engine.speculation.proposed_tokens
 
 
-def test_bad_speculative_options_are_refused(tiny_model, tmp_path):
+def test_bad_speculative_options_are_refused(tiny_model, tiny_head, tmp_path):
     model_dir = str(tiny_model("llama-gqa"))
     with pytest.raises(ValueError, match="speculative.method must be"):
         LLM(model_dir, speculative={"method": "magic"})
@@ -340,6 +398,13 @@ def test_bad_speculative_options_are_refused(tiny_model, tmp_path):
                             eos_token_id=499)
     with pytest.raises(ValueError, match="share the target's tokenizer"):
         LLM(model_dir, speculative={"method": "draft", "draft_model": str(other)})
+    with pytest.raises(ValueError, match="draft_head needs speculative.draft_model"):
+        LLM(model_dir, speculative={"method": "draft_head"})
+    with pytest.raises(ValueError, match="holds no draft head"):
+        LLM(model_dir, speculative={"method": "draft_head", "draft_model": model_dir})
+    with pytest.raises(ValueError, match="vocabulary"):  # distilled from another model
+        LLM(str(other), speculative={"method": "draft_head",
+                                     "draft_model": str(tiny_head("llama-gqa"))})
 
 
 # --- distillation --------------------------------------------------------------------------
@@ -374,6 +439,33 @@ def test_distill_trains_a_student_that_transformers_and_shardserve_load(tiny_mod
                           timeout=600)
     assert more.returncode == 0, more.stderr
     assert json.loads((out / "config.json").read_text())["shardserve_distilled"]["steps"] == 45
+
+
+def test_distill_head_trains_a_draft_head_and_resumes(tiny_model, tmp_path):
+    import re
+
+    teacher = tiny_model("llama-gqa")
+    out = tmp_path / "head"
+    cmd = [*SHARDSERVE, "distill", "--teacher", str(teacher), "--head", "--out", str(out),
+           "--draft-vocab", "300", "--text-tokens", "64", "--window", "32",
+           "--generations", "24", "--steps", "40"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    loss = re.search(r"trained 40 steps, \d+ tokens in .* min, loss ([\d.]+) -> ([\d.]+)",
+                     done.stdout)
+    assert loss and float(loss[2]) < float(loss[1]) / 2, done.stdout
+    # the teacher's held-out answers: the head guesses most of their next tokens
+    agreement = re.search(r"held-out answers ([\d.]+)", done.stdout)
+    assert agreement and float(agreement[1]) > 0.3, done.stdout
+    assert {"draft_head.json", "draft_head.safetensors", "draft_vocab.json"} <= \
+        {p.name for p in out.iterdir()}
+    assert "method: draft_head" in done.stdout
+    more = subprocess.run([*cmd[:-1], "45"], capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr
+    assert "trained 45 steps" in more.stdout
+    neither = subprocess.run([*SHARDSERVE, "distill", "--out", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=600)
+    assert neither.returncode == 2 and "either --layers K" in neither.stderr
 
 
 def test_student_layers_are_evenly_spaced_with_both_ends():

@@ -313,7 +313,8 @@ class Shard:
                 to_sample.append(s)
         if not to_sample:
             return StepResult(plan.step_id) if self.ctx.tp_rank == 0 else None
-        logits = self.model.compute_logits(out[rows])
+        normed = self.model.norm(out[rows])[0]
+        logits = self.model.lm_head(normed).float()
         if self.ctx.tp_rank != 0:
             return None
         tokens = sample_and_verify(logits, to_sample)
@@ -321,7 +322,29 @@ class Shard:
             for t in tokens:
                 if t.error is None:
                     t.token_id = self.spec.head_token_ids[t.token_id]
-        return StepResult(plan.step_id, tokens)
+        result = StepResult(plan.step_id, tokens)
+        if plan.return_hidden:
+            result.hidden_states = self._last_emitted_hidden(normed, to_sample, tokens)
+        return result
+
+    @staticmethod
+    def _last_emitted_hidden(normed: torch.Tensor, seqs: list[SequenceStep],
+                             tokens: list) -> dict:
+        """seq_id -> the normed hidden row its last emitted token was sampled from (row i of
+        a verifying sequence gave its i-th emitted token); none for a sequence that failed."""
+        emitted: dict[int, int] = {}
+        failed = set()
+        for t in tokens:
+            emitted[t.seq_id] = emitted.get(t.seq_id, 0) + 1
+            if t.error:
+                failed.add(t.seq_id)
+        rows = normed.float().cpu().numpy()
+        out, row = {}, 0
+        for s in seqs:
+            if s.seq_id not in failed:
+                out[s.seq_id] = rows[row + emitted[s.seq_id] - 1]
+            row += s.num_draft + 1
+        return out
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> list[float]:

@@ -106,6 +106,10 @@ class SequenceStep:
 class StepPlan:
     step_id: int
     seqs: list[SequenceStep]
+    # Return, for each sequence sampled, the final hidden state (after the final norm) of the
+    # position its last emitted token came from: what a draft head steps on from
+    # (workers/draft_head.py).
+    return_hidden: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -127,3 +131,5 @@ class StepResult:
     step_id: int
     # In plan order; a sequence that verified drafts has one entry per emitted token.
     tokens: list[SampledToken] = field(default_factory=list)
+    # seq_id -> a float32 numpy vector, when the plan asked for them (return_hidden)
+    hidden_states: dict = field(default_factory=dict)
