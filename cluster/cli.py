@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "MLP stepping on from the target's last hidden state")
     distill.add_argument("--inner-size", type=int, default=1536,
                          help="--head: the width of the head's MLP")
-    distill.add_argument("--depth", type=int, default=4,
+    distill.add_argument("--depth", type=int, default=3,
                          help="--head: draft steps unrolled in training")
     distill.add_argument("--head-learning-rate", type=float, default=1e-3)
     distill.add_argument("--out", required=True, help="where the student (and its training "

@@ -176,7 +176,7 @@ def load_draft_head(directory, embed: torch.Tensor, head: torch.Tensor,
 class HeadTrainConfig:
     seconds: float = 600.0
     max_steps: int | None = None
-    depth: int = 4  # steps unrolled: the most draft tokens it is trained to propose
+    depth: int = 3  # steps unrolled: the most draft tokens it is trained to propose
     batch_size: int = 8  # windows per step
     learning_rate: float = 1e-3
     temperature: float = 1.0
