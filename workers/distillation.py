@@ -131,40 +131,37 @@ def _restricted_logits(teacher, student, head_token_ids: list[int], device):
     return logits_of
 
 
-def distill(teacher, student, windows: list[list[int]], config: DistillConfig,
-            trainable: Callable[[str], bool], after_step: Callable[[], None] | None = None,
-            progress: bool = True, texts: int = 0, checkpoint: Path | None = None,
-            checkpoint_every: int = 50,
-            head_token_ids: list[int] | None = None) -> DistillReport:
-    """Train the student's parameters whose names `trainable` accepts, on the windows in a
-    seeded random order, until the time or step budget runs out. after_step runs after each
-    optimizer step (e.g. to keep pruned weights at zero). With `checkpoint`, the trained
-    parameters, the optimizer and the progress are saved there every checkpoint_every steps
-    and at the end, and a run that finds one resumes from it (the budget counts both).
+@dataclass
+class TrainingRun:
+    """Where a budgeted training loop stopped (across resumed runs)."""
+    steps: int
+    tokens: int
+    seconds: float
+    losses: list[float]
 
-    head_token_ids: both models' distributions over just these tokens (renormalized), for a
-    draft whose head will score only them (cluster/speculative.py). Its frozen head is then
-    a fraction of the student's compute: about twice the tokens per second for SmolLM2's
-    4-layer student with 8192 tokens."""
+    @property
+    def first_loss(self) -> float:
+        return self.losses[0] if self.losses else 0.0
+
+    @property
+    def last_loss(self) -> float:
+        """The mean of the last ten steps."""
+        tail = self.losses[-10:]
+        return sum(tail) / len(tail) if tail else 0.0
+
+
+def budgeted_training(named: dict[str, torch.nn.Parameter], optimizer,
+                      step_loss: Callable[[int], tuple[torch.Tensor, int]], seconds: float,
+                      max_steps: int | None, what: str, progress: bool = True,
+                      checkpoint: Path | None = None, checkpoint_every: int = 50,
+                      after_step: Callable[[], None] | None = None) -> TrainingRun:
+    """Optimizer steps until the time or step budget runs out. step_loss(step) returns that
+    step's loss and how many tokens it trained on. after_step runs after each optimizer step
+    (e.g. to keep pruned weights at zero). With `checkpoint`, the named parameters, the
+    optimizer and the progress are saved there every checkpoint_every steps and at the end,
+    and a run that finds one resumes from it (the budget counts both)."""
     from tqdm import tqdm
 
-    if not windows:
-        raise ValueError("no training windows: the text is shorter than one window")
-    torch.manual_seed(config.seed)
-    teacher.eval()
-    student.train()
-    named = {}
-    for name, p in student.named_parameters():
-        p.requires_grad_(trainable(name))
-        if p.requires_grad:
-            named[name] = p
-    optimizer = torch.optim.AdamW(list(named.values()), lr=config.learning_rate,
-                                  weight_decay=0.0)
-    device = next(student.parameters()).device
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(config.seed))
-    logits_of = _full_logits
-    if head_token_ids is not None:
-        logits_of = _restricted_logits(teacher, student, head_token_ids, device)
     losses: list[float] = []
     tokens, step, spent = 0, 0, 0.0
     if checkpoint is not None and checkpoint.exists():
@@ -185,28 +182,20 @@ def distill(teacher, student, windows: list[list[int]], config: DistillConfig,
         tmp.rename(checkpoint)
 
     start = time.perf_counter()
-    bar = tqdm(total=config.max_steps, initial=step, unit="step", desc="distilling",
-               disable=not progress)
-    while (config.max_steps is None or step < config.max_steps) and \
-            spent + time.perf_counter() - start < config.seconds:
-        picked = [order[(step * config.batch_size + i) % len(windows)].item()
-                  for i in range(config.batch_size)]
-        ids = torch.tensor([windows[i] for i in picked], device=device)
-        with torch.no_grad():
-            teacher_logits, labels = logits_of(teacher, ids)
-        student_logits, _ = logits_of(student, ids)
-        loss = distillation_loss(student_logits, teacher_logits, config.temperature,
-                                 labels, config.ce_weight)
+    bar = tqdm(total=max_steps, initial=step, unit="step", desc=what, disable=not progress)
+    while (max_steps is None or step < max_steps) and \
+            spent + time.perf_counter() - start < seconds:
+        loss, step_tokens = step_loss(step)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"the distillation loss became {loss.item()} at step "
-                                     f"{step}; lower the learning rate")
+            raise FloatingPointError(f"the loss became {loss.item()} at step {step} of "
+                                     f"{what}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if after_step is not None:
             after_step()
         step += 1
-        tokens += ids.numel()
+        tokens += step_tokens
         losses.append(loss.item())
         elapsed = spent + time.perf_counter() - start
         bar.update(1)
@@ -216,10 +205,53 @@ def distill(teacher, student, windows: list[list[int]], config: DistillConfig,
     bar.close()
     if checkpoint is not None:
         save()
+    return TrainingRun(step, tokens, spent + time.perf_counter() - start, losses)
+
+
+def distill(teacher, student, windows: list[list[int]], config: DistillConfig,
+            trainable: Callable[[str], bool], after_step: Callable[[], None] | None = None,
+            progress: bool = True, texts: int = 0, checkpoint: Path | None = None,
+            checkpoint_every: int = 50,
+            head_token_ids: list[int] | None = None) -> DistillReport:
+    """Train the student's parameters whose names `trainable` accepts, on the windows in a
+    seeded random order, within budgeted_training's budget and checkpoints.
+
+    head_token_ids: both models' distributions over just these tokens (renormalized), for a
+    draft whose head will score only them (cluster/speculative.py). Its frozen head is then
+    a fraction of the student's compute: about twice the tokens per second for SmolLM2's
+    4-layer student with 8192 tokens."""
+    if not windows:
+        raise ValueError("no training windows: the text is shorter than one window")
+    torch.manual_seed(config.seed)
+    teacher.eval()
+    student.train()
+    named = {}
+    for name, p in student.named_parameters():
+        p.requires_grad_(trainable(name))
+        if p.requires_grad:
+            named[name] = p
+    optimizer = torch.optim.AdamW(list(named.values()), lr=config.learning_rate,
+                                  weight_decay=0.0)
+    device = next(student.parameters()).device
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(config.seed))
+    logits_of = _full_logits
+    if head_token_ids is not None:
+        logits_of = _restricted_logits(teacher, student, head_token_ids, device)
+
+    def step_loss(step: int) -> tuple[torch.Tensor, int]:
+        picked = [order[(step * config.batch_size + i) % len(windows)].item()
+                  for i in range(config.batch_size)]
+        ids = torch.tensor([windows[i] for i in picked], device=device)
+        with torch.no_grad():
+            teacher_logits, labels = logits_of(teacher, ids)
+        student_logits, _ = logits_of(student, ids)
+        return distillation_loss(student_logits, teacher_logits, config.temperature, labels,
+                                 config.ce_weight), ids.numel()
+
+    run = budgeted_training(named, optimizer, step_loss, config.seconds, config.max_steps,
+                            "distilling", progress, checkpoint, checkpoint_every, after_step)
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
-    tail = losses[-10:]
-    return DistillReport(step, tokens, spent + time.perf_counter() - start,
-                         losses[0] if losses else 0.0, sum(tail) / len(tail) if tail else 0.0,
+    return DistillReport(run.steps, run.tokens, run.seconds, run.first_loss, run.last_loss,
                          texts)

@@ -26,9 +26,6 @@ draft_vocab.json; the embedding and LM head are the served target's, loaded from
 from __future__ import annotations
 
 import json
-import logging
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,8 +35,6 @@ from torch import nn
 
 from .layers.cpu_gemm import PackableLinear
 from .layers.quantize import int8_per_row
-
-log = logging.getLogger(__name__)
 
 HEAD_CONFIG = "draft_head.json"
 HEAD_WEIGHTS = "draft_head.safetensors"
@@ -249,63 +244,28 @@ def train_draft_head(head: DraftHead, states: torch.Tensor, tokens: torch.Tensor
                      checkpoint: Path | None = None,
                      checkpoint_every: int = 100) -> HeadTrainReport:
     """Train the head on the teacher's states over windows (in a seeded random order) until
-    the time or step budget runs out; checkpoints and resumes like workers/distillation.py."""
-    from tqdm import tqdm
-
-    torch.manual_seed(config.seed)
-    params = [p for p in head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    order = torch.randperm(len(states), generator=torch.Generator().manual_seed(config.seed))
-    losses: list[float] = []
-    step, seen, spent = 0, 0, 0.0
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=True)
-        head.load_state_dict(saved["head"])
-        optimizer.load_state_dict(saved["optimizer"])
-        step, seen, spent, losses = (saved["step"], saved["tokens"], saved["seconds"],
-                                     list(saved["losses"]))
-        log.info("resuming from %s at step %d", checkpoint, step)
-
-    def save() -> None:
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "tokens": seen,
-                    "seconds": spent + time.perf_counter() - start, "losses": losses}, tmp)
-        tmp.rename(checkpoint)
-
+    the time or step budget runs out (workers/distillation.py's budgeted_training, which
+    checkpoints and resumes)."""
+    from .distillation import budgeted_training
     from .shard import cpu_has_fast_bf16
 
+    torch.manual_seed(config.seed)
+    named = dict(head.named_parameters())
+    optimizer = torch.optim.AdamW(list(named.values()), lr=config.learning_rate,
+                                  weight_decay=0.0)
+    order = torch.randperm(len(states), generator=torch.Generator().manual_seed(config.seed))
     fast_bf16 = cpu_has_fast_bf16() and states.device.type == "cpu"
-    head.train()
-    start = time.perf_counter()
-    bar = tqdm(total=config.max_steps, initial=step, unit="step", desc="distilling the head",
-               disable=not progress)
-    while (config.max_steps is None or step < config.max_steps) and \
-            spent + time.perf_counter() - start < config.seconds:
+
+    def step_loss(step: int) -> tuple[torch.Tensor, int]:
         picked = torch.stack([order[(step * config.batch_size + i) % len(states)]
                               for i in range(config.batch_size)])
         # bfloat16 matrix products where the CPU has them: twice the steps in the budget
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16):
             loss = unrolled_loss(head, states[picked], tokens[picked], config)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"the draft head's loss became {loss.item()} at step "
-                                     f"{step}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        seen += int(tokens[picked].numel())
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}",
-                        tok_s=f"{seen / (spent + time.perf_counter() - start):.0f}")
-        if checkpoint is not None and step % checkpoint_every == 0:
-            save()
-    bar.close()
-    if checkpoint is not None:
-        save()
+        return loss, int(tokens[picked].numel())
+
+    head.train()
+    run = budgeted_training(named, optimizer, step_loss, config.seconds, config.max_steps,
+                            "distilling the head", progress, checkpoint, checkpoint_every)
     head.eval()
-    tail = losses[-10:]
-    return HeadTrainReport(step, seen, spent + time.perf_counter() - start,
-                           losses[0] if losses else 0.0,
-                           sum(tail) / len(tail) if tail else 0.0)
+    return HeadTrainReport(run.steps, run.tokens, run.seconds, run.first_loss, run.last_loss)
