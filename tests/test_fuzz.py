@@ -52,15 +52,19 @@ class Case:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(ray_cluster, tiny_model):
+def fuzz_server(ray_cluster, tiny_model, tiny_head):
     import ray
 
     config = EngineConfig().with_overrides(model=str(tiny_model("llama-gqa")), dtype="float32",
                                            num_threads=1, tensor_parallel_size=2,
                                            num_kv_blocks=256, block_size=8, max_num_seqs=32,
                                            # every step speculates: hostile requests verify
-                                           # drafts beside the well-formed ones
-                                           speculative={"method": "ngram", "num_tokens": 3,
+                                           # drafts (n-gram lookup's, else the head's, from
+                                           # hidden states the TP shards return) beside the
+                                           # well-formed ones
+                                           speculative={"method": "draft_head",
+                                                        "draft_model": str(tiny_head()),
+                                                        "ngram_first": True, "num_tokens": 3,
                                                         "disable_above_batch": 0})
     actor, info = start_server_actor(config, ServerConfig(host="127.0.0.1", port=0,
                                                           metrics_port=0, http_port=0,
@@ -256,6 +260,9 @@ def test_fuzzed_requests_fail_alone(fuzz_server, tiny_model):
     assert not any(k.startswith("shardserve_shard_restarts_total") and v
                    for k, v in metrics(info).items())
     assert metrics(info)["shardserve_speculative_verified_total"] > 0  # drafts were verified
+    # and some came from the head (the rest from n-gram lookup)
+    assert metrics(info)["shardserve_speculative_proposed_tokens_total"] > \
+        metrics(info)["shardserve_speculative_ngram_proposed_tokens_total"]
     # And the server still answers a plain request exactly.
     again = client.generate(good_prompts()[0], max_tokens=MAX_TOKENS, temperature=0,
                             ignore_eos=True)

@@ -30,27 +30,6 @@ def repeating_prompts() -> tuple[list[list[int]], list[int]]:
     return prompts, [24, 30, 17, 40, 12, 30, 5, 20]
 
 
-@pytest.fixture(scope="module")
-def tiny_head(tiny_model, tmp_path_factory):
-    """tiny_head(variant) -> a draft head distilled from that tiny model (built once)."""
-    from shardserve.cluster.distill import run_head
-    from shardserve.workers.distillation import DistillConfig
-    from shardserve.workers.draft_head import HeadTrainConfig
-
-    made = {}
-
-    def get(variant: str = "llama-gqa"):
-        if variant not in made:
-            out = tmp_path_factory.mktemp(f"head-{variant}")
-            run_head(str(tiny_model(variant)), out, DistillConfig(window=32, max_text_tokens=64),
-                     HeadTrainConfig(max_steps=60, depth=3), generations=24, progress=False,
-                     vocabulary=300)
-            made[variant] = out
-        return made[variant]
-
-    return get
-
-
 def answer_prompts(head_dir) -> list[list[int]]:
     """The starts of the teacher's held-out answers (what its head was trained to follow)."""
     answers = json.loads((head_dir / "teacher_generations.json").read_text())
